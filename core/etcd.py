@@ -1,0 +1,198 @@
+"""Pure functions over etcd: parsing etcdctl's JSON output, the env file, restore commands.
+
+Tested on output captured from etcdctl 3.5 (tests/captured/). No I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+from pydantic import BaseModel, ConfigDict
+
+from core.errors import NovaDRError
+
+
+class ParseError(NovaDRError):
+    pass
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class EndpointStatus(_M):
+    endpoint: str
+    member_id: int
+    leader_id: int
+    revision: int
+    raft_term: int
+    raft_index: int
+    raft_applied_index: int
+    db_size: int
+    version: str
+
+    @property
+    def is_leader(self) -> bool:
+        return self.member_id == self.leader_id and self.leader_id != 0
+
+
+class MemberInfo(_M):
+    id: int
+    name: str  # empty while a member was added but has not started yet
+    peer_urls: tuple[str, ...]
+    client_urls: tuple[str, ...]
+    is_learner: bool = False
+
+    @property
+    def hex_id(self) -> str:
+        return f"{self.id:x}"
+
+    @property
+    def started(self) -> bool:
+        return bool(self.name)
+
+
+class SnapshotStatus(_M):
+    hash: int
+    revision: int
+    total_key: int  # every entry in the bolt file: never compare it with a live key count
+    total_size: int
+
+
+class HashKV(_M):
+    endpoint: str
+    revision: int
+    hash: int
+    compact_revision: int
+
+
+def _json(text: str, what: str):
+    # etcdctl prints warnings on stderr only; stdout is one JSON document.
+    text = text.strip()
+    if not text:
+        raise ParseError(f"{what}: empty output from etcdctl")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ParseError(f"{what}: not JSON from etcdctl: {text[:200]!r}") from None
+
+
+def parse_endpoint_health(text: str) -> dict[str, bool]:
+    """`endpoint health -w json` -> {endpoint: healthy}. Prints JSON even when unhealthy."""
+    return {e["endpoint"]: bool(e.get("health")) for e in _json(text, "endpoint health")}
+
+
+def parse_endpoint_status(text: str) -> list[EndpointStatus]:
+    out = []
+    for e in _json(text, "endpoint status"):
+        s = e["Status"]
+        out.append(EndpointStatus(
+            endpoint=e["Endpoint"], member_id=int(s["header"]["member_id"]), leader_id=int(s.get("leader", 0)),
+            revision=int(s["header"].get("revision", 0)), raft_term=int(s.get("raftTerm", 0)),
+            raft_index=int(s.get("raftIndex", 0)), raft_applied_index=int(s.get("raftAppliedIndex", 0)),
+            db_size=int(s.get("dbSize", 0)), version=s.get("version", ""),
+        ))
+    return out
+
+
+def parse_member_list(text: str) -> list[MemberInfo]:
+    data = _json(text, "member list")
+    return [
+        MemberInfo(id=int(m["ID"]), name=m.get("name", ""), peer_urls=tuple(m.get("peerURLs") or ()),
+                   client_urls=tuple(m.get("clientURLs") or ()), is_learner=bool(m.get("isLearner")))
+        for m in data.get("members", [])
+    ]
+
+
+def parse_snapshot_status(text: str) -> SnapshotStatus:
+    d = _json(text, "snapshot status")
+    return SnapshotStatus(hash=int(d["hash"]), revision=int(d["revision"]), total_key=int(d["totalKey"]),
+                          total_size=int(d["totalSize"]))
+
+
+def parse_hashkv(text: str) -> list[HashKV]:
+    return [
+        HashKV(endpoint=e["Endpoint"], revision=int(e["HashKV"]["header"]["revision"]),
+               hash=int(e["HashKV"]["hash"]), compact_revision=int(e["HashKV"].get("compact_revision", 0)))
+        for e in _json(text, "endpoint hashkv")
+    ]
+
+
+def parse_count_fields(text: str) -> int:
+    """`get --count-only -w fields` (the only form that prints the count in etcdctl 3.5.1)."""
+    m = re.search(r'^"Count"\s*:\s*(\d+)\s*$', text, re.M)
+    if not m:
+        raise ParseError(f"get --count-only: no Count in {text[:200]!r}")
+    return int(m.group(1))
+
+
+# -- the env file ------------------------------------------------------------------------
+
+_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """`/etc/etcd.env` as systemd's EnvironmentFile= and the operators' `source` read it."""
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _ENV_LINE.match(line)
+        if not m:
+            continue
+        value = m.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        env[m.group(1)] = value
+    return env
+
+
+def set_env_var(text: str, key: str, value: str) -> str:
+    """Set KEY=value in an env file's text, keeping every other line as it was."""
+    lines, done = [], False
+    for line in text.splitlines():
+        m = _ENV_LINE.match(line)
+        if m and m.group(1) == key and not line.lstrip().startswith("#"):
+            if not done:
+                lines.append(f"{key}={value}")
+                done = True
+            continue
+        lines.append(line)
+    if not done:
+        lines.append(f"{key}={value}")
+    return "\n".join(lines) + "\n"
+
+
+def etcdctl_env(env: dict[str, str], endpoints: list[str] | None = None) -> list[str]:
+    """The `env K=V ...` prefix that gives etcdctl the master's own ETCDCTL_* settings.
+
+    To aim at chosen members the variable is overridden, never combined with --endpoints:
+    etcdctl refuses a flag that shadows an exported variable."""
+    ctl = {k: v for k, v in env.items() if k.startswith("ETCDCTL_")}
+    ctl.setdefault("ETCDCTL_API", "3")
+    if endpoints is not None:
+        ctl["ETCDCTL_ENDPOINTS"] = ",".join(endpoints)
+    return ["env"] + [f"{k}={v}" for k, v in sorted(ctl.items())]
+
+
+# -- snapshot restore --------------------------------------------------------------------
+
+def supports_bump_revision(help_text: str) -> bool:
+    """`--bump-revision`/`--mark-compacted` came after 3.5.1; detect them from --help."""
+    return "--bump-revision" in help_text and "--mark-compacted" in help_text
+
+
+def restore_argv(binary: str, snapshot: str, data_dir: str, name: str, initial_cluster: str, token: str,
+                 peer_url: str, bump_revision: int = 0) -> list[str]:
+    argv = [binary, "snapshot", "restore", snapshot, f"--data-dir={data_dir}", f"--name={name}",
+            f"--initial-cluster={initial_cluster}", f"--initial-cluster-token={token}",
+            f"--initial-advertise-peer-urls={peer_url}"]
+    if bump_revision:
+        argv += [f"--bump-revision={bump_revision}", "--mark-compacted"]
+    return argv
+
+
+def show(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)

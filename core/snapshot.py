@@ -1,0 +1,146 @@
+"""Checks of an etcd snapshot file made before anything on a master is stopped. No network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from core.errors import SnapshotError, UnsafeArchive
+from core.names import parse_name
+
+HASH_LEN = 32  # `snapshot save` appends sha256(db) to the bolt file
+
+
+def sha256_file(path: str | Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    remaining = limit
+    with open(path, "rb") as f:
+        while True:
+            n = 1 << 20 if remaining is None else min(1 << 20, remaining)
+            if n == 0:
+                break
+            chunk = f.read(n)
+            if not chunk:
+                break
+            h.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return h.hexdigest()
+
+
+def hash_trailer(path: str | Path) -> str:
+    """'ok', 'missing' (a db copied from a data dir) or 'mismatch' (corrupt).
+
+    Mirrors etcd's own check: a saved snapshot is a whole number of 512-byte pages plus a
+    32-byte sha256 of everything before it."""
+    size = Path(path).stat().st_size
+    if size % 512 != HASH_LEN:
+        return "missing"
+    with open(path, "rb") as f:
+        f.seek(size - HASH_LEN)
+        trailer = f.read(HASH_LEN)
+    return "ok" if sha256_file(path, size - HASH_LEN) == trailer.hex() else "mismatch"
+
+
+def check_member_path(name: str) -> None:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not name.strip("./"):
+        raise UnsafeArchive(f"archive member {name!r} would land outside the extraction folder; refusing the archive")
+
+
+def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
+    """Extract a tar(.gz), refusing absolute paths, `..`, links that point out, devices."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                check_member_path(m.name)
+                if m.issym() or m.islnk():
+                    base = posixpath.dirname(m.name) if m.issym() else ""
+                    target = posixpath.normpath(posixpath.join(base, m.linkname))
+                    if m.linkname.startswith("/") or target == ".." or target.startswith("../"):
+                        raise UnsafeArchive(f"archive member {m.name!r} links to {m.linkname!r}, outside the folder; refusing")
+                elif not (m.isfile() or m.isdir()):
+                    raise UnsafeArchive(f"archive member {m.name!r} is a device or fifo; refusing the archive")
+            # The 'data' filter is a second guard (and drops setuid bits and ownership).
+            tar.extractall(dest, members=members, filter="data")
+            out = [dest / m.name for m in members if m.isfile()]
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise SnapshotError(f"{archive}: not a readable tar archive ({err}); fetch it again") from None
+    return out
+
+
+@dataclass
+class SnapshotCheck:
+    """What we know of a snapshot before touching the cluster."""
+
+    source: str  # what the operator gave
+    db_path: str  # the plain .db on this machine
+    sha256: str  # of the .db
+    size: int
+    trailer: str  # ok | missing
+    nova_version: str | None  # from the file name; None for a plain `etcdctl snapshot save` output
+    k8s_version: str | None
+    manifest_checked: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def find_manifest_entry(path: Path) -> dict | None:
+    """The entry for `path` in a nova-dr manifest lying next to it, if any."""
+    for mf in sorted(path.parent.glob("nova-dr-manifest_*.json")):
+        try:
+            files = json.loads(mf.read_text()).get("files", {})
+        except (OSError, ValueError):
+            continue
+        if path.name in files:
+            return files[path.name]
+    return None
+
+
+def prepare_snapshot(source: str | Path, workdir: str | Path, nova_version: str,
+                     allow_version_mismatch: bool = False) -> SnapshotCheck:
+    """Unpack (safely) and check a snapshot: manifest sha256, etcd's hash trailer, version."""
+    src = Path(source)
+    if not src.is_file():
+        raise SnapshotError(f"snapshot {src}: no such file on this machine; give the path of an "
+                            "etcd_snapshot_*.db.tar.gz or a .db")
+    warnings = []
+    entry = find_manifest_entry(src)
+    if entry is not None and sha256_file(src) != entry.get("sha256"):
+        raise SnapshotError(f"snapshot {src.name}: sha256 differs from its manifest; the file is damaged, "
+                            "take another backup set")
+    if src.name.endswith((".tar.gz", ".tgz", ".tar")):
+        files = [f for f in safe_extract(src, Path(workdir) / "unpacked") if f.name.endswith(".db")]
+        if len(files) != 1:
+            raise SnapshotError(f"snapshot {src.name}: expected one .db inside, found {len(files)}")
+        db = files[0]
+    else:
+        db = src
+    trailer = hash_trailer(db)
+    if trailer == "mismatch":
+        raise SnapshotError(f"snapshot {src.name}: its sha256 trailer does not match its content (corrupt); "
+                            "nothing was changed, use another backup")
+    if trailer == "missing":
+        raise SnapshotError(f"snapshot {src.name}: no integrity hash (a db copied from a data dir, or "
+                            "truncated); take a snapshot with `etcdctl snapshot save` instead")
+    parsed = parse_name(src.name) or parse_name(db.name)
+    nova = parsed.nova_version if parsed else None
+    k8s = parsed.k8s_version if parsed else None
+    if nova is None:
+        warnings.append(f"the snapshot's name ({src.name}) carries no Nova version: compatibility with "
+                        f"{nova_version} cannot be checked")
+    elif nova != nova_version:
+        msg = (f"snapshot {src.name} was made by Nova {nova}, the cluster runs {nova_version}: only the "
+               "same x.y.Z restores fully")
+        if not allow_version_mismatch:
+            raise SnapshotError(msg + "; nothing was changed (allow_version_mismatch=true overrides)")
+        warnings.append(msg + " (allowed by allow_version_mismatch)")
+    return SnapshotCheck(str(src), str(db), sha256_file(db), db.stat().st_size, trailer, nova, k8s,
+                         manifest_checked=entry is not None, warnings=warnings)

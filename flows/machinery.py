@@ -1,0 +1,318 @@
+"""What every recovery flow shares: connections, preflight, the approval gate, the DAG
+executor with checkpoints, one recovery per cluster at a time, and the recovery id.
+
+A recovery flow reads: preflight -> plan -> gate -> re-check -> execute -> verify -> report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+from prefect.flow_runs import FlowPauseTimeout, pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
+
+from core.errors import ClusterBusy, ConnectError, NotApproved, NovaDRError, PlanChanged
+from core.facts import ClusterFacts, MasterFacts
+from core.inventory import Cluster
+from core.plan import Plan, Step
+from tasks import datadir, etcd, service
+from tasks.remote import Connector, connect
+
+
+def state_dir() -> Path:
+    """Checkpoints and finished-recovery records. NOVA_DR_HOME, default ~/.nova-dr."""
+    d = Path(os.environ.get("NOVA_DR_HOME", "~/.nova-dr")).expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# -- recovery ids ----------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def _done_marker(recovery_id: str) -> Path:
+    return state_dir() / "recoveries" / f"{recovery_id}.done.json"
+
+
+def derive_recovery_id(flow: str, cluster: str, key: str, given: str | None) -> str:
+    """The given id, or one derived from the flow, the cluster and (say) the snapshot's sha256.
+
+    A derived id whose recovery already finished gets a new generation, so that restoring the
+    same snapshot again next month starts afresh instead of replaying old checkpoints."""
+    if given:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}", given):
+            raise NovaDRError(f"recovery_id {given!r}: use letters, digits, '.', '_' and '-' (at most 81)")
+        if _done_marker(given).exists():
+            raise NovaDRError(f"recovery {given} already completed; omit recovery_id to start a new recovery")
+        return given
+    base = f"{_slug(flow)}-{_slug(cluster)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    rid, gen = base, 1
+    while _done_marker(rid).exists():
+        gen += 1
+        rid = f"{base}-{gen}"
+    return rid
+
+
+def mark_recovery_done(recovery_id: str, summary: dict) -> None:
+    f = _done_marker(recovery_id)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(summary, indent=1, default=str))
+
+
+# -- connections and preflight ----------------------------------------------------------
+
+@dataclass
+class Run:
+    """One recovery's working set. Passed to tasks; never hashed (checkpoints use plain keys)."""
+
+    flow: str
+    cluster: Cluster
+    recovery_id: str = ""
+    conns: dict[str, Connector] = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # per-flow inputs: the snapshot, options
+
+    def conn(self, member: str) -> Connector:
+        if member not in self.conns:
+            self.conns[member] = connect(self.cluster, self.cluster.master(member))
+        return self.conns[member]
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            c.close()
+
+
+def read_master_facts(run: Run, member: str) -> MasterFacts:
+    m = run.cluster.master(member)
+    try:
+        conn = run.conn(member)
+        env = etcd.read_etcd_env(conn, m)
+        healthy = etcd.check_endpoint_health(conn, m, env)
+        status = etcd.read_endpoint_status(conn, m, env) if healthy else None
+        members = etcd.list_etcd_members(conn, m, env) if healthy else None
+        probe = datadir.probe_data_dir(conn, m)
+        return MasterFacts(
+            member=member, node=m.node, service=service.read_service_state(conn, m), healthy=healthy,
+            status=status, members=tuple(members) if members is not None else None,
+            initial_cluster_state=env.get("ETCD_INITIAL_CLUSTER_STATE", ""),
+            data_dir_exists=probe.get("exists", False), data_dir_has_member=probe.get("member", False),
+            data_dir_mount_point=probe.get("mount_point", False), data_dir_bytes=probe.get("bytes", 0),
+            free_bytes=probe.get("free", 0), manifest=probe.get("manifest", ""), entries=tuple(probe["entries"]),
+        )
+    except ConnectError as err:
+        return MasterFacts(member=member, node=m.node, reachable=False, error=str(err))
+
+
+def gather_facts(run: Run) -> ClusterFacts:
+    """Read-only: every master in parallel."""
+    members = [m.etcd_member for m in run.cluster.masters]
+    with ThreadPoolExecutor(len(members)) as ex:
+        facts = list(ex.map(lambda mb: read_master_facts(run, mb), members))
+    return ClusterFacts(masters=tuple(facts))
+
+
+@task(name="preflight", retries=0)
+def preflight(run: Run) -> ClusterFacts:
+    facts = gather_facts(run)
+    get_run_logger().info("preflight:\n%s", facts_table(facts, markdown=False))
+    return facts
+
+
+def facts_table(facts: ClusterFacts, markdown: bool = True) -> str:
+    head = ["member", "node", "ssh", "service", "healthy", "leader", "raft term", "applied index", "revision",
+            "data dir", "mount point", "free", "INITIAL_CLUSTER_STATE"]
+    rows = []
+    for f in facts.masters:
+        s = f.status
+        rows.append([f.member, f.node, "ok" if f.reachable else "UNREACHABLE", f.service, "yes" if f.healthy else "NO",
+                     "yes" if s and s.is_leader else "", s.raft_term if s else "", s.raft_applied_index if s else "",
+                     s.revision if s else "", _size(f.data_dir_bytes) if f.data_dir_has_member else "no member dir",
+                     "yes" if f.data_dir_mount_point else "no", _size(f.free_bytes), f.initial_cluster_state])
+    return render_table(head, rows, markdown)
+
+
+def render_table(head: list[str], rows: list[list], markdown: bool = True) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + rows)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# -- one recovery per cluster -----------------------------------------------------------
+
+LEASE_SECONDS = 60  # a slot held by a run that died frees itself after this
+
+
+@contextmanager
+def cluster_slot(cluster: str, recovery_id: str, wait_seconds: float) -> Iterator[None]:
+    """A global concurrency slot named after the cluster, with a lease that expires when its
+    holder dies. Who holds it is kept in a Prefect Variable so a refusal can name the run."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.variables import Variable
+
+    name = f"nova-dr-recovery-{_slug(cluster)}"
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    ctx = FlowRunContext.get()
+    me = {"flow_run_id": str(ctx.flow_run.id) if ctx else "", "recovery_id": recovery_id, "since": time.time()}
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=wait_seconds, lease_duration=LEASE_SECONDS, strict=True):
+            Variable.set(name, me, overwrite=True)
+            try:
+                yield
+            finally:
+                Variable.set(name, {}, overwrite=True)
+    except TimeoutError:
+        holder = Variable.get(name, default={}) or {}
+        raise ClusterBusy(
+            f"cluster {cluster}: another recovery holds it (flow run {holder.get('flow_run_id', '?')}, recovery "
+            f"{holder.get('recovery_id', '?')}); waited {wait_seconds:.0f}s. Let it finish, or cancel it in the "
+            "Prefect UI; a run that died frees the cluster within a minute"
+        ) from None
+
+
+# -- the approval gate -----------------------------------------------------------------
+
+class Approval(RunInput):
+    approve: bool = Field(False, description="Tick to run the plan shown above. Leave unticked to reject it.")
+    name: str = Field("", description="Who decides (recorded in the report).")
+    reason: str = Field("", description="Why (recorded in the report).")
+
+
+# In-process listeners: `nova-dr run` in a terminal answers the gate itself.
+GATE_LISTENERS: list[Callable[[str, Plan], None]] = []
+
+
+def api_is_shared() -> bool:
+    from prefect.settings import PREFECT_API_URL
+    return bool(PREFECT_API_URL.value())
+
+
+def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float) -> dict:
+    """Pause until someone approves. Returns who and why. Raises NotApproved otherwise."""
+    log = get_run_logger()
+    if auto_approve:
+        log.warning("auto_approve=true: the plan runs without asking anyone")
+        return {"approved_by": "auto_approve", "reason": "auto_approve parameter"}
+    if not GATE_LISTENERS and not api_is_shared():
+        raise NotApproved(
+            "this run needs an approval and nobody can give it: no terminal and no shared Prefect server "
+            "(PREFECT_API_URL). Run `nova-dr run` in a terminal, point PREFECT_API_URL at a server, or pass "
+            "--auto-approve. Nothing was changed")
+    ctx = FlowRunContext.get()
+    for listener in GATE_LISTENERS:
+        listener(str(ctx.flow_run.id), plan)
+    form = Approval.with_initial_data(description=plan.markdown(), approve=False)
+    log.info("waiting for approval of flow run %s (UI, `nova-dr approve`, or the REST API)", ctx.flow_run.id)
+    try:
+        answer = pause_flow_run(wait_for_input=form, timeout=int(timeout_minutes * 60), poll_interval=2,
+                                key=f"approve-{plan.fingerprint()}")
+    except FlowPauseTimeout:
+        raise NotApproved(f"no approval within {timeout_minutes:g} min; nothing was changed") from None
+    if not answer.approve:
+        raise NotApproved(f"plan rejected by {answer.name or 'someone'}"
+                          f"{': ' + answer.reason if answer.reason else ''}; nothing was changed")
+    log.info("approved by %s: %s", answer.name or "(no name)", answer.reason or "(no reason)")
+    return {"approved_by": answer.name or "(no name)", "reason": answer.reason}
+
+
+def ensure_plan_unchanged(before: Plan, after: Plan) -> None:
+    if before.fingerprint() != after.fingerprint():
+        changed = sorted({s.id for s in after.steps} ^ {s.id for s in before.steps}) or ["commands or order"]
+        raise PlanChanged(
+            f"the cluster changed while the plan waited for approval (differs in: {', '.join(changed[:6])}); "
+            "nothing was executed. Run the flow again to see the new plan")
+
+
+# -- the executor ----------------------------------------------------------------------
+
+# action name -> function(run, step, upstream results) -> detail (a str or dict)
+Action = Callable[[Run, Step, dict], object]
+
+
+def _checkpoint_key(ctx, params) -> str | None:
+    step: Step = params["step"]
+    return f"{params['run'].recovery_id}-{step.id}" if step.args.get("checkpoint", True) else None
+
+
+def _retry_only_transient(task, task_run, state) -> bool:
+    # A lost SSH connection is transient; every action reads the master's state again
+    # before acting, so the retry never repeats a change that already landed.
+    try:
+        state.result()
+    except ConnectError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_only_transient,
+      cache_key_fn=_checkpoint_key, persist_result=True)
+def run_step(run: Run, step: Step, actions: dict, upstream: dict) -> dict:
+    started = time.time()
+    detail = actions[step.action](run, step, upstream)
+    ctx = FlowRunContext.get()
+    return {"step": step.id, "master": step.master, "detail": detail, "seconds": round(time.time() - started, 2),
+            "flow_run_id": str(ctx.flow_run.id) if ctx else ""}
+
+
+def execute_plan(run: Run, plan: Plan, actions: dict[str, Action]) -> dict[str, dict]:
+    """Submit every step with its dependencies; Prefect runs what is ready in parallel."""
+    storage = state_dir() / "checkpoints"
+    storage.mkdir(parents=True, exist_ok=True)
+    futures = {}
+    for s in plan.steps:
+        runner = run_step.with_options(task_run_name=s.id, result_storage=storage)
+        futures[s.id] = runner.submit(run, s, actions, {d: futures[d] for d in s.deps},
+                                      wait_for=[futures[d] for d in s.deps])
+    results, failed = {}, None
+    for sid, fut in futures.items():
+        try:
+            results[sid] = fut.result()
+        except Exception as err:  # the first failure in plan order is the one to report
+            failed = failed or (sid, err)
+    if failed:
+        sid, err = failed
+        raise NovaDRError(f"step {sid} failed: {err}") from err
+    return results
+
+
+def step_table(results: dict[str, dict], current_run: str, markdown: bool = True) -> str:
+    rows = []
+    for sid, r in results.items():
+        earlier = r.get("flow_run_id") and r["flow_run_id"] != current_run
+        detail = r["detail"] if isinstance(r["detail"], str) else json.dumps(r["detail"], default=str)
+        rows.append([sid, r.get("master") or "cluster", f"{r['seconds']:.2f}s",
+                     ("(earlier run) " if earlier else "") + detail[:160]])
+    return render_table(["step", "on", "took", "result"], rows, markdown)
+
+
+def publish(key: str, markdown: str, description: str) -> None:
+    create_markdown_artifact(markdown=markdown, key=key, description=description)
+

@@ -1,0 +1,285 @@
+"""restore-etcd-cluster (SPEC P8): bring every member back from one snapshot, when quorum is lost.
+
+The last resort: it rolls Kubernetes back to the snapshot's time. Read-only preflight, a plan,
+an approval gate, then a DAG of idempotent steps with checkpoints keyed on the recovery id.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from blocks.inventory import resolve_inventory
+from core.errors import NovaDRError, PreflightError
+from core.facts import ClusterFacts
+from core.plan import Plan, Step
+from core.restore_plan import FOLLOW_UPS, build_restore_plan
+from core.snapshot import SnapshotCheck, prepare_snapshot
+from flows import machinery as mc
+from flows.machinery import Run
+from tasks import datadir, etcd, service
+from tasks.etcd import read_etcd_env
+
+FLOW_NAME = "restore-etcd-cluster"
+
+
+# -- the actions the plan's steps name --------------------------------------------------
+
+def _m(run: Run, step: Step):
+    return run.conn(step.master), run.cluster.master(step.master)
+
+
+def copy_snapshot(run: Run, step: Step, up: dict) -> str:
+    conn, m = _m(run, step)
+    snap: SnapshotCheck = run.data["snapshot"]
+    if datadir.staging_state(conn, m, run.recovery_id) == "swapped":
+        return "not needed: restored data already in place"
+    return datadir.copy_snapshot(conn, m, snap.db_path, snap.sha256, run.recovery_id)
+
+
+def check_snapshot(run: Run, step: Step, up: dict) -> dict:
+    conn, m = _m(run, step)
+    st = etcd.read_snapshot_status(conn, m, f"{datadir.work_dir(m, run.recovery_id)}/snapshot.db")
+    return {"revision": st.revision, "hash": st.hash, "total_size": st.total_size}
+
+
+def restore_staging(run: Run, step: Step, up: dict) -> dict:
+    conn, m = _m(run, step)
+    state = datadir.staging_state(conn, m, run.recovery_id)
+    if state != "none":
+        return {"state": f"already {state}", "bumped": etcd.bump_for(conn, m, step.args["bump_revision"])}
+    datadir.clear_partial_staging(conn, m, run.recovery_id)
+    wd = datadir.work_dir(m, run.recovery_id)
+    out = etcd.restore_snapshot(conn, m, run.cluster, f"{wd}/snapshot.db", f"{wd}/staging.tmp",
+                                step.args["bump_revision"])
+    datadir.finish_staging(conn, m, run.recovery_id)
+    return {"state": "staged", **out}
+
+
+def park_manifest(run: Run, step: Step, up: dict) -> str:
+    return datadir.park_manifest(*_m(run, step))
+
+
+def unpark_manifest(run: Run, step: Step, up: dict) -> str:
+    return datadir.unpark_manifest(*_m(run, step))
+
+
+def stop_etcd(run: Run, step: Step, up: dict) -> str:
+    return service.stop_etcd(*_m(run, step))
+
+
+def start_etcd(run: Run, step: Step, up: dict) -> str:
+    return service.start_etcd(*_m(run, step))
+
+
+def set_state_new(run: Run, step: Step, up: dict) -> str:
+    conn, m = _m(run, step)
+    return datadir.set_initial_cluster_state(conn, m, "new", run.recovery_id)
+
+
+def swap_data(run: Run, step: Step, up: dict) -> dict:
+    conn, m = _m(run, step)
+    # The checkpoint may say "stopped", but someone may have started etcd since: the master
+    # decides. Never move a data dir from under a running member.
+    service.stop_etcd(conn, m)
+    q = datadir.find_quarantine(conn, m, run.recovery_id) or (
+        f"{m.paths.data_dir}/nova-dr-quarantine-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{run.recovery_id}")
+    result = datadir.swap_in_restored(conn, m, run.recovery_id, q)
+    return {"result": result, "quarantine": datadir.find_quarantine(conn, m, run.recovery_id) or "(nothing to keep)"}
+
+
+def delete_old_data(run: Run, step: Step, up: dict) -> str:
+    return datadir.delete_quarantine(*_m(run, step), run.recovery_id)
+
+
+def wait_healthy(run: Run, step: Step, up: dict) -> dict:
+    members = [m.etcd_member for m in run.cluster.masters]
+    state = etcd.wait_until_healthy({mb: run.conn(mb) for mb in members}, run.cluster, members,
+                                    timeout=run.data.get("healthy_timeout", 120))
+    sick = [m for m, ok in state.items() if not ok]
+    if sick:
+        logs = {m: service.read_service_logs(run.conn(m), run.cluster.master(m))[-1500:] for m in sick}
+        raise NovaDRError(f"not healthy in time: {', '.join(sick)}. Last log lines: {logs}")
+    return state
+
+
+def verify(run: Run, step: Step, up: dict) -> dict:
+    """Bounded retry: raft indexes converge a moment after start."""
+    expected = up["check-snapshot"]["detail"]["revision"]
+    bumps = {r["detail"].get("bumped", 0) for k, r in up.items() if k.startswith("restore-staging@")}
+    bump = max(bumps) if bumps else 0
+    deadline = time.monotonic() + run.data.get("verify_timeout", 30)
+    while True:
+        rows, problems = verify_once(run, expected + bump)
+        if not problems or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if problems:
+        raise NovaDRError("verification failed: " + "; ".join(problems))
+    return {"rows": rows, "expected_revision": expected + bump, "bumped": bump}
+
+
+def verify_once(run: Run, expected_revision: int) -> tuple[list[dict], list[str]]:
+    cluster = run.cluster
+    rows, problems = [], []
+    for m in cluster.masters:
+        conn = run.conn(m.etcd_member)
+        env = read_etcd_env(conn, m)
+        st = etcd.read_endpoint_status(conn, m, env)
+        if st is None:
+            problems.append(f"{m.etcd_member} does not answer endpoint status")
+            continue
+        rows.append({"member": m.etcd_member, "leader": st.is_leader, "raft_term": st.raft_term,
+                     "applied_index": st.raft_applied_index, "revision": st.revision, "_env": env})
+    if problems:
+        return rows, problems
+    rev = min(r["revision"] for r in rows)
+    for r in rows:
+        m = cluster.master(r["member"])
+        conn, env = run.conn(m.etcd_member), r.pop("_env")
+        r["hashkv"] = etcd.read_hashkv(conn, m, env, rev).hash
+        r["live_keys"] = etcd.count_live_keys(conn, m, env)
+    leaders = [r["member"] for r in rows if r["leader"]]
+    if len(leaders) != 1:
+        problems.append(f"{len(leaders)} leaders ({', '.join(leaders) or 'none'})")
+    for key in ("raft_term", "applied_index", "hashkv", "live_keys", "revision"):
+        if len({r[key] for r in rows}) > 1:
+            problems.append(f"{key} differs: " + ", ".join(f"{r['member']}={r[key]}" for r in rows))
+    if rev < expected_revision:
+        problems.append(f"revision {rev} is below the snapshot's {expected_revision}")
+    elif rev > expected_revision:
+        # Not a failure: a client wrote after the start. Said in the report.
+        rows[0]["note"] = f"revision {rev} > snapshot's {expected_revision}: something wrote after the start"
+    return rows, problems
+
+
+ACTIONS = {f.__name__: f for f in (copy_snapshot, check_snapshot, restore_staging, park_manifest, unpark_manifest,
+                                   stop_etcd, start_etcd, set_state_new, swap_data, delete_old_data, wait_healthy,
+                                   verify)}
+
+
+# -- preflight refusals and the plan ----------------------------------------------------
+
+def refuse_unsafe(facts: ClusterFacts, snapshot: SnapshotCheck) -> None:
+    if facts.unreachable:
+        why = "; ".join(f.error for f in facts.masters if not f.reachable)
+        raise PreflightError(f"cannot restore: {', '.join(facts.unreachable)} unreachable over SSH ({why}). "
+                             "Every master takes part in a full restore; nothing was changed")
+    short = [f.member for f in facts.masters if f.free_bytes and f.free_bytes < 2 * snapshot.size + (64 << 20)]
+    if short:
+        raise PreflightError(f"not enough free disk for the snapshot and its restore on {', '.join(short)} "
+                             f"(need about {2 * snapshot.size + (64 << 20)} bytes); nothing was changed")
+
+
+def make_plan(run: Run, facts: ClusterFacts) -> Plan:
+    snap: SnapshotCheck = run.data["snapshot"]
+    warnings = list(snap.warnings)
+    if facts.has_quorum:
+        warnings.append(f"the cluster still has quorum ({len(facts.healthy)} of {facts.voting_members} healthy): "
+                        "a full restore throws away every write since the snapshot. Consider "
+                        "replace-etcd-member or restart-etcd-member instead")
+    return build_restore_plan(run.cluster, facts, run.recovery_id, snapshot_name=snap.source.rsplit("/", 1)[-1],
+                              snapshot_sha256=snap.sha256, bump_revision=run.data["bump_revision"],
+                              delete_old_data=run.data["delete_old_data"], warnings=warnings)
+
+
+def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow_version_mismatch: bool,
+            bump_revision: int, delete_old_data: bool, workdir: str) -> Run:
+    """Everything before the cluster is touched: inventory, snapshot checks, recovery id."""
+    cluster = resolve_inventory(inventory)
+    if not snapshot:
+        raise NovaDRError("no snapshot given; pass --param snapshot=PATH (an etcd_snapshot_*.db.tar.gz or .db)")
+    snap = prepare_snapshot(snapshot, workdir, cluster.nova_version, allow_version_mismatch)
+    if bump_revision < 0:
+        raise NovaDRError(f"bump_revision={bump_revision}: give 0 (no bump) or a positive number")
+    rid = mc.derive_recovery_id(FLOW_NAME, cluster.name, snap.sha256, recovery_id)
+    return Run(FLOW_NAME, cluster, rid, data={"snapshot": snap, "bump_revision": bump_revision,
+                                               "delete_old_data": delete_old_data})
+
+
+@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
+def restore_etcd_cluster(
+    inventory: str,
+    snapshot: str | None = None,
+    auto_approve: bool = False,
+    recovery_id: str | None = None,
+    allow_version_mismatch: bool = False,
+    delete_old_data: bool = False,
+    bump_revision: int = 1_000_000_000,
+    approval_timeout_minutes: float = 60,
+    wait_for_cluster_seconds: float = 120,
+    healthy_timeout_seconds: float = 120,
+) -> dict:
+    """Restore the whole etcd cluster from a snapshot (quorum lost; API down).
+
+    inventory: a YAML path or block:NAME. snapshot: a path on this machine to an
+    etcd_snapshot_*.db.tar.gz or a .db. recovery_id: resume that recovery. bump_revision:
+    revisions to add, with --mark-compacted, where the etcd binary supports it (0: never).
+    """
+    log = get_run_logger()
+    with tempfile.TemporaryDirectory(prefix="nova-dr-snap-", dir=mc.state_dir()) as tmp:
+        run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp)
+        run.data["healthy_timeout"] = healthy_timeout_seconds
+        print(f"recovery id: {run.recovery_id}")
+        try:
+            with mc.cluster_slot(run.cluster.name, run.recovery_id, wait_for_cluster_seconds):
+                return _restore(run, auto_approve, approval_timeout_minutes, log)
+        finally:
+            run.close()
+
+
+def _restore(run: Run, auto_approve: bool, approval_timeout_minutes: float, log) -> dict:
+    snap: SnapshotCheck = run.data["snapshot"]
+    before = mc.preflight(run)
+    refuse_unsafe(before, snap)
+    plan = make_plan(run, before)
+    log.info("%s", plan.text())
+    mc.publish("restore-plan", plan.markdown(), "What restore-etcd-cluster will do")
+    approval = mc.approval_gate(plan, auto_approve, approval_timeout_minutes)
+    if not auto_approve:
+        again = mc.preflight(run)
+        refuse_unsafe(again, snap)
+        mc.ensure_plan_unchanged(plan, make_plan(run, again))
+    started = time.time()
+    results = mc.execute_plan(run, plan, ACTIONS)
+    ctx = FlowRunContext.get()
+    report = render_report(run, plan, before, results, approval, time.time() - started,
+                           str(ctx.flow_run.id) if ctx else "")
+    mc.publish("restore-report", report, "restore-etcd-cluster: what was done and what to do next")
+    print(mc.render_table(["member", "leader", "raft term", "applied index", "revision", "hashkv", "live keys"],
+                          [[r["member"], r["leader"], r["raft_term"], r["applied_index"], r["revision"], r["hashkv"],
+                            r["live_keys"]] for r in results["verify"]["detail"]["rows"]], markdown=False))
+    summary = {"recovery_id": run.recovery_id, "snapshot": snap.source, "sha256": snap.sha256,
+               "verify": results["verify"]["detail"], "approval": approval,
+               "quarantine": {k.split("@")[1]: r["detail"]["quarantine"] for k, r in results.items()
+                              if k.startswith("swap-data@")}}
+    mc.mark_recovery_done(run.recovery_id, summary)
+    return summary
+
+
+def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, approval: dict, seconds: float,
+                  flow_run_id: str) -> str:
+    v = results["verify"]["detail"]
+    after = mc.render_table(["member", "leader", "raft term", "applied index", "revision", "hashkv", "live keys"],
+                            [[r["member"], "yes" if r["leader"] else "", r["raft_term"], r["applied_index"],
+                              r["revision"], r["hashkv"], r["live_keys"]] for r in v["rows"]])
+    quarantine = [f"- {k.split('@')[1]}: `{r['detail']['quarantine']}`" for k, r in results.items()
+                  if k.startswith("swap-data@")]
+    bumped = (f"revision bumped by {v['bumped']} (--mark-compacted)" if v["bumped"]
+              else "no revision bump (the etcd binary has no --bump-revision, or bump_revision=0)")
+    snap: SnapshotCheck = run.data["snapshot"]
+    return "\n".join([
+        f"# restore-etcd-cluster on `{run.cluster.name}`: done in {seconds:.1f}s", "",
+        f"- recovery id: `{run.recovery_id}`", f"- snapshot: `{snap.source}` (sha256 `{snap.sha256}`)",
+        f"- approved by: {approval['approved_by']} ({approval.get('reason') or 'no reason given'})",
+        f"- expected revision {v['expected_revision']}; {bumped}", "",
+        "## Before", mc.facts_table(before), "", "## After", after, "",
+        "## Steps", mc.step_table(results, flow_run_id), "",
+        "## Old data (quarantine)", *(quarantine or ["- none"]), "",
+        "## Manual follow-ups", *[f"- {f}" for f in FOLLOW_UPS],
+    ])

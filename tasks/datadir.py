@@ -1,0 +1,189 @@
+"""A master's etcd data dir, env file and kube-apiserver manifest: probe, stage, swap, park.
+
+Nothing here deletes etcd data: old contents are moved into a quarantine dir inside the data
+dir (the same filesystem, because /var/lib/etcd is often a mount point and cannot itself be
+renamed). Every function reads the master's state first, so running it twice is harmless.
+Shell snippets are constants; every value reaches them as a quoted positional argument.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from core.errors import NovaDRError
+from core.etcd import set_env_var
+from core.facts import parse_probe
+from core.inventory import Master
+from tasks.remote import Connector
+
+PROBE = r"""
+d=$1; manifest=$2; park=$3
+[ -d "$d" ] && echo exists=1 || echo exists=0
+[ -d "$d/member" ] && echo member=1 || echo member=0
+mountpoint -q "$d" 2>/dev/null && echo mount_point=1 || echo mount_point=0
+echo bytes=$(du -sb "$d/member" 2>/dev/null | cut -f1)
+p=$d; while [ ! -d "$p" ]; do p=$(dirname "$p"); done
+echo free=$(df -B1 --output=avail "$p" | tail -n1 | tr -d ' ')
+if [ -n "$manifest" ]; then
+  if [ -f "$manifest" ]; then echo manifest=present
+  elif [ -f "$park/$(basename "$manifest")" ]; then echo manifest=parked
+  else echo manifest=absent; fi
+fi
+for e in "$d"/nova-dr-*; do [ -e "$e" ] && echo "entry=$(basename "$e")"; done
+exit 0
+"""
+
+# Move the old member dir into quarantine, then the restored one into place, then mark it.
+# Each stage checks what is already done, so a run killed anywhere in it can run again.
+SWAP = r"""
+set -eu
+d=$1; stage=$2; q=$3; marker=$4
+[ -e "$marker" ] && { echo already; exit 0; }
+if [ -d "$stage/member" ]; then
+  if [ -d "$d/member" ]; then
+    mkdir -p "$q"
+    [ -e "$q/member" ] && { echo "$q/member exists; refusing to overwrite it" >&2; exit 3; }
+    mv "$d/member" "$q/member"
+    echo quarantined
+  fi
+  mv "$stage/member" "$d/member"
+  touch "$marker"
+  echo swapped
+elif [ -d "$d/member" ] && [ -d "$q/member" ]; then
+  touch "$marker"; echo swapped
+else
+  echo "no restored data in $stage and no swap recorded; re-run the restore step" >&2; exit 4
+fi
+"""
+
+WRITE_FILE = r"""
+set -eu
+f=$1; keep=$2
+[ -n "$keep" ] && [ ! -e "$keep" ] && cp -p "$f" "$keep"
+cat > "$f.nova-dr-new"
+chmod --reference="$f" "$f.nova-dr-new" 2>/dev/null || true
+# A bind-mounted file cannot be renamed over (EBUSY): then write it in place.
+mv -f "$f.nova-dr-new" "$f" 2>/dev/null || { cat "$f.nova-dr-new" > "$f"; rm -f "$f.nova-dr-new"; }
+"""
+
+
+def work_dir(master: Master, recovery_id: str) -> str:
+    return f"{master.paths.data_dir}/nova-dr-{recovery_id}"
+
+
+def probe_data_dir(conn: Connector, master: Master) -> dict:
+    p = master.paths
+    res = conn.run(["sh", "-c", PROBE, "sh", p.data_dir, p.kube_apiserver_manifest or "", p.manifest_park_dir],
+                   timeout=60)
+    return parse_probe(res.stdout)
+
+
+def remote_sha256(conn: Connector, path: str) -> str | None:
+    res = conn.run(["sha256sum", path], check=False)
+    return res.stdout.split()[0] if res.code == 0 and res.stdout else None
+
+
+def copy_snapshot(conn: Connector, master: Master, local_db: str, sha256: str, recovery_id: str) -> str:
+    """Put the snapshot in this recovery's work dir on the master; skip when already there."""
+    wd = work_dir(master, recovery_id)
+    target = f"{wd}/snapshot.db"
+    if remote_sha256(conn, target) == sha256:
+        return "already there"
+    conn.run(["mkdir", "-p", wd])
+    conn.run(["chmod", "0700", master.paths.data_dir, wd])
+    conn.put_file(local_db, target, mode=0o600)
+    got = remote_sha256(conn, target)
+    if got != sha256:
+        raise NovaDRError(f"{master.node}: the snapshot copied to {target} has sha256 {got}, expected {sha256}; "
+                          "check the master's disk")
+    return "copied"
+
+
+def staging_state(conn: Connector, master: Master, recovery_id: str) -> str:
+    """swapped | staged | none"""
+    wd = work_dir(master, recovery_id)
+    if conn.run(["test", "-e", f"{wd}/swapped"], check=False).code == 0:
+        return "swapped"
+    if conn.run(["test", "-d", f"{wd}/staging/member"], check=False).code == 0:
+        return "staged"
+    return "none"
+
+
+def clear_partial_staging(conn: Connector, master: Master, recovery_id: str) -> None:
+    """A restore interrupted half way leaves staging.tmp behind: data we made from the
+    snapshot ourselves, never the operator's. It must go, because restore refuses an
+    existing dir."""
+    tmp = f"{work_dir(master, recovery_id)}/staging.tmp"
+    assert PurePosixPath(tmp).name == "staging.tmp"
+    conn.run(["rm", "-rf", "--one-file-system", tmp])
+
+
+def finish_staging(conn: Connector, master: Master, recovery_id: str) -> None:
+    wd = work_dir(master, recovery_id)
+    conn.run(["mv", f"{wd}/staging.tmp", f"{wd}/staging"])
+
+
+def swap_in_restored(conn: Connector, master: Master, recovery_id: str, quarantine: str) -> str:
+    wd = work_dir(master, recovery_id)
+    res = conn.run(["sh", "-c", SWAP, "sh", master.paths.data_dir, f"{wd}/staging", quarantine, f"{wd}/swapped"])
+    return res.stdout.strip().replace("\n", ", ")
+
+
+def find_quarantine(conn: Connector, master: Master, recovery_id: str) -> str | None:
+    res = conn.run(["sh", "-c", 'for q in "$1"/nova-dr-quarantine-*-"$2"; do [ -d "$q" ] && echo "$q"; done; exit 0',
+                    "sh", master.paths.data_dir, recovery_id])
+    found = res.stdout.split()
+    return found[-1] if found else None
+
+
+def write_remote_file(conn: Connector, path: str, text: str, keep_copy: str = "") -> None:
+    conn.run(["sh", "-c", WRITE_FILE, "sh", path, keep_copy], stdin=text.encode())
+
+
+def set_initial_cluster_state(conn: Connector, master: Master, state: str, recovery_id: str,
+                              initial_cluster: str | None = None) -> str:
+    """ETCD_INITIAL_CLUSTER_STATE (and optionally ETCD_INITIAL_CLUSTER) in the env file,
+    keeping a copy of the original next to it."""
+    path = master.paths.etcd_env
+    text = conn.run(["cat", path]).stdout
+    new = set_env_var(text, "ETCD_INITIAL_CLUSTER_STATE", state)
+    if initial_cluster:
+        new = set_env_var(new, "ETCD_INITIAL_CLUSTER", initial_cluster)
+    if new == text:
+        return "unchanged"
+    write_remote_file(conn, path, new, keep_copy=f"{path}.nova-dr-{recovery_id}")
+    return f"set (original kept as {path}.nova-dr-{recovery_id})"
+
+
+def park_manifest(conn: Connector, master: Master) -> str:
+    """Move the kube-apiserver static pod manifest out of the manifests folder (the kubelet
+    runs every file it finds there, whatever its name)."""
+    p = master.paths
+    if not p.kube_apiserver_manifest:
+        return "no manifest configured"
+    name = PurePosixPath(p.kube_apiserver_manifest).name
+    res = conn.run(["sh", "-c", 'if [ -f "$1" ]; then mkdir -p "$2" && mv "$1" "$2/$3" && echo parked; '
+                    'elif [ -f "$2/$3" ]; then echo already; else echo absent; fi',
+                    "sh", p.kube_apiserver_manifest, p.manifest_park_dir, name])
+    return res.stdout.strip()
+
+
+def unpark_manifest(conn: Connector, master: Master) -> str:
+    p = master.paths
+    if not p.kube_apiserver_manifest:
+        return "no manifest configured"
+    name = PurePosixPath(p.kube_apiserver_manifest).name
+    res = conn.run(["sh", "-c", 'if [ -f "$2/$3" ] && [ ! -e "$1" ]; then mv "$2/$3" "$1" && echo restored; '
+                    'elif [ -f "$1" ]; then echo already; else echo absent; fi',
+                    "sh", p.kube_apiserver_manifest, p.manifest_park_dir, name])
+    return res.stdout.strip()
+
+
+def delete_quarantine(conn: Connector, master: Master, recovery_id: str) -> str:
+    """Only when the operator asked for it (delete_old_data) and after verification."""
+    q = find_quarantine(conn, master, recovery_id)
+    if not q:
+        return "nothing to delete"
+    assert PurePosixPath(q).name.startswith("nova-dr-quarantine-")
+    conn.run(["rm", "-rf", "--one-file-system", q])
+    return f"deleted {q}"

@@ -1,0 +1,123 @@
+"""etcd on a master, through etcdctl/etcdutl run there with that master's own ETCDCTL_* settings.
+
+Certificates never leave the masters: every etcdctl call runs on a master over the connector.
+"""
+
+from __future__ import annotations
+
+import time
+
+from core.errors import NovaDRError
+from core.etcd import (EndpointStatus, HashKV, MemberInfo, SnapshotStatus, etcdctl_env, parse_count_fields,
+                       parse_endpoint_health, parse_endpoint_status, parse_env_file, parse_hashkv,
+                       parse_member_list, parse_snapshot_status, restore_argv, supports_bump_revision)
+from core.inventory import Cluster, Master
+from tasks.remote import Connector
+
+# A dead member must not stall the flow for etcdctl's default 5 s.
+SHORT = "--command-timeout=2s"
+
+
+def read_etcd_env(conn: Connector, master: Master) -> dict[str, str]:
+    return parse_env_file(conn.run(["cat", master.paths.etcd_env], timeout=20).stdout)
+
+
+def etcdctl(conn: Connector, master: Master, env: dict[str, str], *args: str, own: bool = False,
+            endpoints: list[str] | None = None, check: bool = True, timeout: float = 30):
+    """Run etcdctl on `master`. `own=True` aims at this member alone (serializable reads, snapshots)."""
+    eps = [master.client_url] if own else endpoints
+    return conn.run([*etcdctl_env(env, eps), master.paths.etcdctl, *args], check=check, timeout=timeout)
+
+
+def check_endpoint_health(conn: Connector, master: Master, env: dict[str, str]) -> bool:
+    res = etcdctl(conn, master, env, "endpoint", "health", "-w", "json", SHORT, own=True, check=False)
+    try:
+        return parse_endpoint_health(res.stdout).get(master.client_url, False)
+    except NovaDRError:
+        return False
+
+
+def read_endpoint_status(conn: Connector, master: Master, env: dict[str, str]) -> EndpointStatus | None:
+    res = etcdctl(conn, master, env, "endpoint", "status", "-w", "json", SHORT, own=True, check=False)
+    if res.code != 0:
+        return None
+    found = parse_endpoint_status(res.stdout)
+    return found[0] if found else None
+
+
+def list_etcd_members(conn: Connector, master: Master, env: dict[str, str], *,
+                      own: bool = True) -> list[MemberInfo] | None:
+    """`member list` through this member (own) or through every endpoint in its env file."""
+    res = etcdctl(conn, master, env, "member", "list", "-w", "json", SHORT, own=own, check=False)
+    return parse_member_list(res.stdout) if res.code == 0 else None
+
+
+def read_hashkv(conn: Connector, master: Master, env: dict[str, str], rev: int) -> HashKV:
+    res = etcdctl(conn, master, env, "endpoint", "hashkv", f"--rev={rev}", "-w", "json", SHORT, own=True)
+    return parse_hashkv(res.stdout)[0]
+
+
+def count_live_keys(conn: Connector, master: Master, env: dict[str, str]) -> int:
+    """Every live key, read from this member alone (serializable)."""
+    res = etcdctl(conn, master, env, "get", "", "--from-key", "--count-only", "-w", "fields",
+                  "--consistency=s", SHORT, own=True)
+    return parse_count_fields(res.stdout)
+
+
+def restore_binary(conn: Connector, master: Master) -> str:
+    """etcdutl when the master has it (etcdctl's restore is deprecated in 3.5), else etcdctl."""
+    p = master.paths
+    if p.etcdutl and conn.run(["test", "-x", p.etcdutl], check=False).code == 0:
+        return p.etcdutl
+    return p.etcdctl
+
+
+def read_snapshot_status(conn: Connector, master: Master, path: str) -> SnapshotStatus:
+    binary = restore_binary(conn, master)
+    env = ["env", "ETCDCTL_API=3"]
+    return parse_snapshot_status(conn.run([*env, binary, "snapshot", "status", path, "-w", "json"]).stdout)
+
+
+def bump_for(conn: Connector, master: Master, bump_revision: int) -> int:
+    """The bump this master's restore applies: the asked one where the binary supports it."""
+    if not bump_revision:
+        return 0
+    binary = restore_binary(conn, master)
+    help_text = conn.run(["env", "ETCDCTL_API=3", binary, "snapshot", "restore", "--help"], check=False)
+    return bump_revision if supports_bump_revision(help_text.stdout + help_text.stderr) else 0
+
+
+def restore_snapshot(conn: Connector, master: Master, cluster: Cluster, snapshot: str, data_dir: str,
+                     bump_revision: int) -> dict:
+    """`snapshot restore` into `data_dir` (which must not exist). Says whether it bumped."""
+    binary = restore_binary(conn, master)
+    bump = bump_for(conn, master, bump_revision)
+    argv = restore_argv(binary, snapshot, data_dir, master.etcd_member, cluster.initial_cluster(),
+                        cluster.etcd_token, master.peer_url, bump)
+    conn.run(["env", "ETCDCTL_API=3", *argv], timeout=1800)
+    return {"binary": binary, "bumped": bump, "bump_supported": bool(bump) or not bump_revision}
+
+
+def wait_until_healthy(conns: dict[str, Connector], cluster: Cluster, members: list[str],
+                       timeout: float = 90) -> dict[str, bool]:
+    """Poll each member's own endpoint until all answer healthy or the bound runs out."""
+    envs = {m: read_etcd_env(conns[m], cluster.master(m)) for m in members}
+    deadline = time.monotonic() + timeout
+    state = {m: False for m in members}
+    while True:
+        for m in members:
+            if not state[m]:
+                state[m] = check_endpoint_health(conns[m], cluster.master(m), envs[m])
+        if all(state.values()) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
+def member_add(conn: Connector, master: Master, env: dict[str, str], name: str, peer_url: str) -> str:
+    res = etcdctl(conn, master, env, "member", "add", name, f"--peer-urls={peer_url}", SHORT, own=True)
+    return res.stdout
+
+
+def member_remove(conn: Connector, master: Master, env: dict[str, str], hex_id: str) -> None:
+    etcdctl(conn, master, env, "member", "remove", hex_id, SHORT, own=True)
+
