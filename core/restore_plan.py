@@ -95,6 +95,10 @@ def build_restore_plan(cluster: Cluster, facts: ClusterFacts, recovery_id: str, 
         add(f"unpark-manifest@{mb}", "unpark_manifest", mb, "Put the kube-apiserver manifest back",
             f"mv {cluster.master(mb).paths.manifest_park_dir}/... {cluster.master(mb).paths.kube_apiserver_manifest}",
             deps=["verify"], destructive=True)
+    for m in cluster.masters:
+        add(f"clean-work@{m.etcd_member}", "clean_work", m.etcd_member,
+            "Remove this recovery's copy of the snapshot and the empty staging dir",
+            f"rm {work[m.etcd_member]}/snapshot.db; rmdir {work[m.etcd_member]}/staging", deps=["verify"])
     if delete_old_data:
         for m in cluster.masters:
             add(f"delete-old-data@{m.etcd_member}", "delete_old_data", m.etcd_member,

@@ -12,10 +12,9 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -24,7 +23,7 @@ from prefect.flow_runs import FlowPauseTimeout, pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from core.errors import ClusterBusy, ConnectError, NotApproved, NovaDRError, PlanChanged
+from core.errors import ConnectError, NotApproved, NovaDRError, PlanChanged
 from core.facts import ClusterFacts, MasterFacts
 from core.inventory import Cluster
 from core.plan import Plan, Step
@@ -160,40 +159,6 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-# -- one recovery per cluster -----------------------------------------------------------
-
-LEASE_SECONDS = 60  # a slot held by a run that died frees itself after this
-
-
-@contextmanager
-def cluster_slot(cluster: str, recovery_id: str, wait_seconds: float) -> Iterator[None]:
-    """A global concurrency slot named after the cluster, with a lease that expires when its
-    holder dies. Who holds it is kept in a Prefect Variable so a refusal can name the run."""
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-    from prefect.variables import Variable
-
-    name = f"nova-dr-recovery-{_slug(cluster)}"
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    ctx = FlowRunContext.get()
-    me = {"flow_run_id": str(ctx.flow_run.id) if ctx else "", "recovery_id": recovery_id, "since": time.time()}
-    try:
-        with concurrency(name, occupy=1, timeout_seconds=wait_seconds, lease_duration=LEASE_SECONDS, strict=True):
-            Variable.set(name, me, overwrite=True)
-            try:
-                yield
-            finally:
-                Variable.set(name, {}, overwrite=True)
-    except TimeoutError:
-        holder = Variable.get(name, default={}) or {}
-        raise ClusterBusy(
-            f"cluster {cluster}: another recovery holds it (flow run {holder.get('flow_run_id', '?')}, recovery "
-            f"{holder.get('recovery_id', '?')}); waited {wait_seconds:.0f}s. Let it finish, or cancel it in the "
-            "Prefect UI; a run that died frees the cluster within a minute"
-        ) from None
 
 
 # -- the approval gate -----------------------------------------------------------------

@@ -22,6 +22,7 @@ from core.restore_plan import FOLLOW_UPS, build_restore_plan
 from core.snapshot import SnapshotCheck, prepare_snapshot
 from flows import machinery as mc
 from flows.machinery import Run
+from flows.slot import cluster_slot
 from tasks import datadir, etcd, service
 from tasks.etcd import read_etcd_env
 
@@ -93,6 +94,10 @@ def swap_data(run: Run, step: Step, up: dict) -> dict:
     return {"result": result, "quarantine": datadir.find_quarantine(conn, m, run.recovery_id) or "(nothing to keep)"}
 
 
+def clean_work(run: Run, step: Step, up: dict) -> str:
+    return datadir.clean_work_dir(*_m(run, step), run.recovery_id)
+
+
 def delete_old_data(run: Run, step: Step, up: dict) -> str:
     return datadir.delete_quarantine(*_m(run, step), run.recovery_id)
 
@@ -159,8 +164,8 @@ def verify_once(run: Run, expected_revision: int) -> tuple[list[dict], list[str]
 
 
 ACTIONS = {f.__name__: f for f in (copy_snapshot, check_snapshot, restore_staging, park_manifest, unpark_manifest,
-                                   stop_etcd, start_etcd, set_state_new, swap_data, delete_old_data, wait_healthy,
-                                   verify)}
+                                   stop_etcd, start_etcd, set_state_new, swap_data, clean_work, delete_old_data,
+                                   wait_healthy, verify)}
 
 
 # -- preflight refusals and the plan ----------------------------------------------------
@@ -227,7 +232,7 @@ def restore_etcd_cluster(
         run.data["healthy_timeout"] = healthy_timeout_seconds
         print(f"recovery id: {run.recovery_id}")
         try:
-            with mc.cluster_slot(run.cluster.name, run.recovery_id, wait_for_cluster_seconds):
+            with cluster_slot(run.cluster.name, run.recovery_id, wait_for_cluster_seconds):
                 return _restore(run, auto_approve, approval_timeout_minutes, log)
         finally:
             run.close()
@@ -283,3 +288,19 @@ def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, app
         "## Old data (quarantine)", *(quarantine or ["- none"]), "",
         "## Manual follow-ups", *[f"- {f}" for f in FOLLOW_UPS],
     ])
+
+
+def plan_restore(inventory: str, snapshot: str | None = None, recovery_id: str | None = None,
+                 allow_version_mismatch: bool = False, bump_revision: int = 1_000_000_000,
+                 delete_old_data: bool = False, **_ignored) -> Plan:
+    """`nova-dr plan restore-etcd-cluster`: preflight and plan, nothing touched."""
+    with tempfile.TemporaryDirectory(prefix="nova-dr-plan-", dir=mc.state_dir()) as tmp:
+        run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, int(bump_revision),
+                      delete_old_data in (True, "true", "1", "yes"), tmp)
+        try:
+            facts = mc.gather_facts(run)
+            refuse_unsafe(facts, run.data["snapshot"])
+            plan = make_plan(run, facts)
+            return plan.model_copy(update={"summary": plan.summary + "\n\nPreflight:\n" + mc.facts_table(facts, False)})
+        finally:
+            run.close()

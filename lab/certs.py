@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def make_leaf(dir: Path, name: str, cn: str, ca_dir: Path, ca: str, ips: list[st
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=dir)
     _openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={cn}", "-out", f"{name}.csr", cwd=dir)
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca_dir / f"{ca}.crt"),
-             "-CAkey", str(ca_dir / f"{ca}.key"), "-CAcreateserial", "-days", str(days),
+             "-CAkey", str(ca_dir / f"{ca}.key"),
+             # A random serial: -CAcreateserial races on the .srl file when leaves are made in parallel.
+             "-set_serial", str(secrets.randbits(63)), "-days", str(days),
              "-extfile", str(ext), "-out", f"{name}.crt", cwd=dir)
     (dir / f"{name}.key").chmod(0o600)
     (dir / f"{name}.csr").unlink()

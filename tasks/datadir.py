@@ -179,6 +179,15 @@ def unpark_manifest(conn: Connector, master: Master) -> str:
     return res.stdout.strip()
 
 
+def clean_work_dir(conn: Connector, master: Master, recovery_id: str) -> str:
+    """After verification: our copy of the snapshot and the (now empty) staging dir go; the
+    `swapped` marker stays, so that a late re-run knows the data in place is the restored one."""
+    wd = work_dir(master, recovery_id)
+    conn.run(["rm", "-f", f"{wd}/snapshot.db"])
+    conn.run(["sh", "-c", 'rmdir "$1" 2>/dev/null; exit 0', "sh", f"{wd}/staging"])
+    return "cleaned"
+
+
 def delete_quarantine(conn: Connector, master: Master, recovery_id: str) -> str:
     """Only when the operator asked for it (delete_old_data) and after verification."""
     q = find_quarantine(conn, master, recovery_id)

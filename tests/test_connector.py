@@ -1,0 +1,92 @@
+"""The SSH connector against a lab master's real sshd."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from core.errors import ConnectError
+from tasks.remote import LocalConnector, connect
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from tests.conftest import make_lab
+
+    lab = make_lab(1)
+    yield lab
+    lab.destroy()
+
+
+HOSTILE = ["a b", "it's", 'say "hi"', "x; touch /tmp/nova-dr-pwned", "$(touch /tmp/nova-dr-pwned)", "`id`", "*", "\\n",
+           "--help", "", "é"]
+
+
+def test_hostile_arguments_arrive_verbatim(lab):
+    c = lab.cluster()
+    conn = connect(c, c.masters[0])
+    res = conn.run(["printf", "%s\\0", *HOSTILE])
+    assert res.stdout.split("\0")[:-1] == HOSTILE
+    assert not os.path.exists("/tmp/nova-dr-pwned")
+    local = LocalConnector().run(["printf", "%s\\0", *HOSTILE])
+    assert local.stdout == res.stdout
+
+
+def test_unknown_host_key_is_refused_with_the_fix(lab):
+    c = lab.cluster()
+    c = c.model_copy(update={"ssh": c.ssh.model_copy(update={"known_hosts": _secret("")})})
+    with pytest.raises(ConnectError) as e:
+        connect(c, c.masters[0]).run(["true"])
+    assert "host key unknown" in str(e.value) and "ssh-keyscan -p 22 " + c.masters[0].address in str(e.value)
+
+
+def test_changed_host_key_is_refused_with_the_fix(lab, tmp_path):
+    import subprocess
+
+    c = lab.cluster()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    other = " ".join((tmp_path / "other.pub").read_text().split()[:2])
+    kh = f"{c.masters[0].address} {other}\n"
+    c = c.model_copy(update={"ssh": c.ssh.model_copy(update={"known_hosts": _secret(kh)})})
+    with pytest.raises(ConnectError) as e:
+        connect(c, c.masters[0]).run(["true"])
+    assert "host key CHANGED" in str(e.value) and f"ssh-keygen -R '{c.masters[0].address}'" in str(e.value)
+
+
+def test_unreachable_master_is_one_connect_error(lab):
+    c = lab.cluster()
+    m = c.masters[0].model_copy(update={"address": "127.0.99.99", "node": "ghost"})
+    ssh = c.ssh.model_copy(update={"connect_attempts": 2, "connect_timeout": 1})
+    with pytest.raises(ConnectError, match="ghost .*unreachable after 2 attempts"):
+        connect(c.model_copy(update={"ssh": ssh}), m).run(["true"])
+
+
+def test_dropped_connection_is_reopened(lab):
+    c = lab.cluster()
+    conn = connect(c, c.masters[0])
+    assert conn.run(["echo", "one"]).stdout == "one\n"
+    conn._client.get_transport().sock.close()  # the network drops under us
+    assert conn.run(["echo", "two"]).stdout == "two\n"
+
+
+def test_put_get_100mb_round_trip(lab, tmp_path):
+    c = lab.cluster()
+    conn = connect(c, c.masters[0])
+    src, back = tmp_path / "big", tmp_path / "back"
+    with open(src, "wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(1 << 20))
+    conn.put_file(src, "/var/lib/nova-dr-test-big", mode=0o600)
+    conn.get_file("/var/lib/nova-dr-test-big", back)
+    remote = conn.run(["sha256sum", "/var/lib/nova-dr-test-big"]).stdout.split()[0]
+    conn.run(["rm", "-f", "/var/lib/nova-dr-test-big"])
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert remote == digest == hashlib.sha256(back.read_bytes()).hexdigest()
+
+
+def _secret(v):
+    from pydantic import SecretStr
+
+    return SecretStr(v)

@@ -1,0 +1,61 @@
+"""The lab: real masters with their own sshd, host key and private production paths."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from lab.lab import _pid_alive
+from tasks.remote import connect
+from tests.conftest import make_lab
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_lab_up_status_down(n):
+    lab = make_lab(n)
+    try:
+        st = lab.status()
+        assert [r["member"] for r in st] == [f"etcd{i}" for i in range(1, n + 1)]
+        assert all(r["sshd"] and r["etcd_process"] and r["healthy"] for r in st)
+        assert [r["data_dir_mount_point"] for r in st] == [n >= 3 and i == n for i in range(1, n + 1)]
+        # etcdctl.env works from the host, as the README says.
+        out = subprocess.run(["bash", "-c", f". {lab.dir}/etcdctl.env && etcdctl put /lab/probe yes >/dev/null && "
+                              "etcdctl get / --prefix --keys-only && etcdctl member list"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "/lab/probe" in out and out.count(", started,") == n
+        # Each master answers over SSH with its own host key and sees its own /etc/etcd.env.
+        cluster = lab.cluster()
+        keys = set()
+        for m in cluster.masters:
+            conn = connect(cluster, m)
+            assert f"ETCD_NAME={m.etcd_member}\n" in conn.run(["cat", "/etc/etcd.env"]).stdout
+            keys.add(conn._client.get_transport().get_remote_server_key().get_base64())
+            conn.close()
+        assert len(keys) == n
+        assert "already running" in lab.up(masters=n, net=lab.state()["net"])
+        pids = [lab.etcd_pid(m.member) for m in lab.masters()] + [m.sshd_pid for m in lab.masters()]
+        pids.append(lab.state()["s3"]["pid"])
+    finally:
+        lab.down()
+    assert pids and not any(_pid_alive(p) for p in pids)
+    lab.destroy()
+
+
+def test_lab_break(lab3):
+    cluster = lab3.cluster()
+    lab3.break_member("etcd1", "stop")
+    lab3.break_member("etcd2", "corrupt")
+    lab3.break_member("etcd3", "wipe")
+    st = {r["member"]: r for r in lab3.status()}
+    assert not any(r["healthy"] or r["etcd_process"] for r in st.values())
+    c1 = connect(cluster, cluster.masters[0])
+    assert c1.run(["systemctl", "is-active", "etcd"], check=False).stdout.strip() == "failed"
+    c2 = connect(cluster, cluster.masters[1])
+    assert c2.run(["stat", "-c", "%s", "/var/lib/etcd/member/snap/db"]).stdout.strip() == "4096"
+    assert c2.run(["systemctl", "start", "etcd"], check=False).code != 0  # it panics on start
+    assert "file size too small" in c2.run(["journalctl", "-u", "etcd", "-n", "30"]).stdout
+    c3 = connect(cluster, cluster.masters[2])
+    assert c3.run(["ls", "-A", "/var/lib/etcd"]).stdout == ""  # a mount point: emptied, still there
+    with pytest.raises(Exception, match="use stop, corrupt or wipe"):
+        lab3.break_member("etcd1", "explode")
