@@ -1,0 +1,204 @@
+"""Pure domain functions, on output captured from etcdctl 3.5 (tests/captured/)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from core.errors import SnapshotError, UnsafeArchive
+from core.etcd import (parse_count_fields, parse_endpoint_health, parse_endpoint_status, parse_env_file,
+                       parse_hashkv, parse_member_list, parse_snapshot_status, restore_argv, set_env_var,
+                       supports_bump_revision, etcdctl_env)
+from core.facts import ClusterFacts, MasterFacts, parse_probe
+from core.inventory import parse_inventory
+from core.names import parse_name
+from core.restore_plan import build_restore_plan
+from core.snapshot import hash_trailer, prepare_snapshot, safe_extract
+
+CAP = Path(__file__).parent / "captured"
+
+
+def cap(name: str) -> str:
+    return (CAP / name).read_text()
+
+
+def test_parse_endpoint_health_including_a_dead_member():
+    assert parse_endpoint_health(cap("endpoint_health.json")) == {
+        "https://127.0.0.11:2379": True, "https://127.0.0.12:2379": True, "https://127.0.0.13:2379": True}
+    assert parse_endpoint_health(cap("endpoint_health_one_down.json"))["https://127.0.0.12:2379"] is False
+
+
+def test_parse_endpoint_status_finds_the_leader():
+    st = parse_endpoint_status(cap("endpoint_status.json"))
+    assert [s.is_leader for s in st] == [True, False, False]
+    assert st[0].raft_applied_index == 18 and st[0].revision == 2 and st[0].version == "3.5.1"
+    assert len(parse_endpoint_status(cap("endpoint_status_one_down.json"))) == 2
+
+
+def test_parse_member_list_ids_in_hex():
+    ms = parse_member_list(cap("member_list.json"))
+    assert [m.name for m in ms] == ["etcd1", "etcd3", "etcd2"]
+    assert ms[0].hex_id == "654bfb5171fc88fd" and ms[0].peer_urls == ("https://127.0.0.11:2380",)
+
+
+def test_parse_snapshot_status_hashkv_and_count():
+    # etcdctl's (deprecated) and etcdutl's snapshot status print the same JSON.
+    a, b = parse_snapshot_status(cap("snapshot_status.json")), parse_snapshot_status(cap("etcdutl_snapshot_status.json"))
+    assert a == b and a.revision == 2 and a.total_key == 9
+    assert {h.hash for h in parse_hashkv(cap("endpoint_hashkv.json"))} == {3260193388}
+    assert parse_count_fields(cap("count_only_fields.txt")) == 1
+
+
+def test_env_file_round_trip_keeps_other_lines():
+    text = '# comment\nETCD_NAME=etcd1\nexport ETCDCTL_ENDPOINTS="https://a:2379,https://b:2379"\n\nETCD_INITIAL_CLUSTER_STATE=existing\n'
+    env = parse_env_file(text)
+    assert env["ETCDCTL_ENDPOINTS"] == "https://a:2379,https://b:2379" and env["ETCD_NAME"] == "etcd1"
+    new = set_env_var(text, "ETCD_INITIAL_CLUSTER_STATE", "new")
+    assert new.splitlines()[:2] == ["# comment", "ETCD_NAME=etcd1"] and parse_env_file(new)["ETCD_INITIAL_CLUSTER_STATE"] == "new"
+    assert parse_env_file(set_env_var("A=1\n", "B", "2")) == {"A": "1", "B": "2"}
+
+
+def test_etcdctl_env_overrides_endpoints_instead_of_adding_a_flag():
+    argv = etcdctl_env({"ETCDCTL_ENDPOINTS": "https://a:2379,https://b:2379", "ETCDCTL_CACERT": "/ca", "ETCD_NAME": "x"},
+                       ["https://b:2379"])
+    assert argv == ["env", "ETCDCTL_API=3", "ETCDCTL_CACERT=/ca", "ETCDCTL_ENDPOINTS=https://b:2379"]
+
+
+def test_restore_argv_uses_each_members_own_peer_url():
+    argv = restore_argv("/opt/etcd/etcdutl", "/s.db", "/d", "etcd2", "etcd1=https://1:2380,etcd2=https://2:2380",
+                        "k8s_etcd", "https://2:2380", bump_revision=0)
+    assert "--initial-advertise-peer-urls=https://2:2380" in argv and not any("bump" in a for a in argv)
+    bumped = restore_argv("x", "/s.db", "/d", "n", "n=u", "t", "https://2:2380", bump_revision=5)
+    assert bumped[-2:] == ["--bump-revision=5", "--mark-compacted"]
+    assert not supports_bump_revision("--data-dir string\n--skip-hash-check\n")
+    assert supports_bump_revision("--bump-revision uint\n--mark-compacted\n")
+
+
+def test_probe_parsing():
+    p = parse_probe("exists=1\nmember=1\nmount_point=0\nbytes=123\nfree=456\nmanifest=parked\nentry=nova-dr-x\n")
+    assert p == {"exists": True, "member": True, "mount_point": False, "bytes": 123, "free": 456,
+                 "manifest": "parked", "entries": ["nova-dr-x"]}
+
+
+def test_names_read_all_three_spellings():
+    assert parse_name("etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2024-03-01_124700.db.tar.gz").nova_version == "6.0.1"
+    for word in ("kubereresources", "kuberesources", "kuberestores"):
+        p = parse_name(f"nova-master-1-nova-internal_{word}_2024-03-01_124701.tar.gz")
+        assert p.kind == "node" and p.node == "nova-master-1-nova-internal" and p.ts == "2024-03-01_124701"
+    assert parse_name("starvault_snapshot_nova-v6.0.1_2024-03-01_1247001.db").kind == "starvault"
+    assert parse_name("notes.txt") is None
+
+
+# -- snapshots ---------------------------------------------------------------------------
+
+def fake_snapshot(path: Path, pages: int = 8) -> Path:
+    body = os.urandom(512 * pages)
+    path.write_bytes(body + hashlib.sha256(body).digest())
+    return path
+
+
+def test_hash_trailer(tmp_path):
+    s = fake_snapshot(tmp_path / "s.db")
+    assert hash_trailer(s) == "ok"
+    data = bytearray(s.read_bytes())
+    data[100] ^= 0xFF
+    (tmp_path / "bad.db").write_bytes(data)
+    assert hash_trailer(tmp_path / "bad.db") == "mismatch"
+    (tmp_path / "raw.db").write_bytes(os.urandom(4096))
+    assert hash_trailer(tmp_path / "raw.db") == "missing"
+
+
+def _tar(path: Path, members: dict[str, bytes], link: tuple[str, str] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link[0])
+            info.type, info.linkname = tarfile.SYMTYPE, link[1]
+            t.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize("members, link", [
+    ({"../../etc/passwd": b"x"}, None),
+    ({"/etc/passwd": b"x"}, None),
+    ({"ok": b"x"}, ("opt/evil", "../../../etc")),
+    ({"ok": b"x"}, ("opt/evil", "/etc/shadow")),
+])
+def test_safe_extract_refuses_escapes(tmp_path, members, link):
+    arch = _tar(tmp_path / "a.tar.gz", members, link)
+    with pytest.raises(UnsafeArchive, match="refusing"):
+        safe_extract(arch, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+
+
+def test_prepare_snapshot_checks(tmp_path):
+    db = fake_snapshot(tmp_path / "etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2026-01-01_040000.db")
+    arch = _tar(tmp_path / (db.name + ".tar.gz"), {f"opt/backup/{db.name}": db.read_bytes()})
+    ok = prepare_snapshot(arch, tmp_path / "w", "6.0.1")
+    assert ok.nova_version == "6.0.1" and ok.sha256 == hashlib.sha256(db.read_bytes()).hexdigest() and not ok.warnings
+    with pytest.raises(SnapshotError, match="made by Nova 6.0.1, the cluster runs 6.0.2.*allow_version_mismatch"):
+        prepare_snapshot(arch, tmp_path / "w2", "6.0.2")
+    assert prepare_snapshot(arch, tmp_path / "w3", "6.0.2", allow_version_mismatch=True).warnings
+    plain = fake_snapshot(tmp_path / "snapshot.db")
+    assert "carries no Nova version" in prepare_snapshot(plain, tmp_path / "w4", "6.0.1").warnings[0]
+    (tmp_path / "nova-dr-manifest_2026-01-01_040000.json").write_text(
+        '{"files": {"snapshot.db": {"sha256": "00", "size": 1}}}')
+    with pytest.raises(SnapshotError, match="sha256 differs from its manifest"):
+        prepare_snapshot(plain, tmp_path / "w5", "6.0.1")
+    with pytest.raises(SnapshotError, match="no such file on this machine"):
+        prepare_snapshot(tmp_path / "nope.db", tmp_path / "w6", "6.0.1")
+
+
+# -- the restore plan ------------------------------------------------------------------
+
+def _cluster(n=3):
+    return parse_inventory({
+        "name": "c", "nova_version": "6.0.1", "k8s_version": "1.27.11", "ssh": {"private_key": "k", "known_hosts": ""},
+        "masters": [{"node": f"m{i}", "address": f"10.0.0.{i}", "etcd_member": f"etcd{i}"} for i in range(1, n + 1)],
+    }, "t")
+
+
+def _facts(n=3, leader=None, manifest="present"):
+    from core.etcd import EndpointStatus
+
+    ms = []
+    for i in range(1, n + 1):
+        st = EndpointStatus(endpoint="e", member_id=i, leader_id=leader or 0, revision=1, raft_term=1, raft_index=1,
+                            raft_applied_index=1, db_size=1, version="3.5.1") if leader else None
+        ms.append(MasterFacts(member=f"etcd{i}", node=f"m{i}", healthy=bool(leader), status=st, manifest=manifest))
+    return ClusterFacts(masters=tuple(ms))
+
+
+def test_restore_plan_order_is_safe():
+    plan = build_restore_plan(_cluster(), _facts(leader=2), "rid", snapshot_name="s.db", snapshot_sha256="ab" * 32,
+                              bump_revision=0, delete_old_data=False)
+    ids = [s.id for s in plan.steps]
+    pos = {sid: i for i, sid in enumerate(ids)}
+    deps = {s.id: set(s.deps) for s in plan.steps}
+    for i in (1, 2, 3):
+        # nothing stops before every staging restore (which checks the snapshot's hash) succeeded
+        assert {f"restore-staging@etcd{j}" for j in (1, 2, 3)} <= deps[f"stop-etcd@etcd{i}"]
+        assert {f"swap-data@etcd{j}" for j in (1, 2, 3)} <= deps[f"start-etcd@etcd{i}"]
+        assert "--initial-advertise-peer-urls=https://10.0.0.%d:2380" % i in plan.steps[pos[f"restore-staging@etcd{i}"]].command
+    # the leader stops last
+    assert {"stop-etcd@etcd1", "stop-etcd@etcd3"} <= deps["stop-etcd@etcd2"]
+    assert not any(s.id.startswith("delete-old-data") for s in plan.steps)
+    assert all(s.destructive for s in plan.steps if s.action in ("stop_etcd", "swap_data", "start_etcd"))
+    assert "```mermaid" in plan.markdown() and "stop-etcd@etcd2" in plan.text()
+
+
+def test_restore_plan_fingerprint_sees_changes():
+    kw = dict(snapshot_name="s.db", snapshot_sha256="ab" * 32, bump_revision=0, delete_old_data=False)
+    a = build_restore_plan(_cluster(), _facts(), "rid", **kw)
+    assert a.fingerprint() == build_restore_plan(_cluster(), _facts(), "rid", **kw).fingerprint()
+    assert a.fingerprint() != build_restore_plan(_cluster(), _facts(manifest="absent"), "rid", **kw).fingerprint()
+    d = build_restore_plan(_cluster(1), _facts(1), "rid", **{**kw, "delete_old_data": True})
+    assert [s.id for s in d.steps if s.id.startswith("delete-old-data")] == ["delete-old-data@etcd1"]

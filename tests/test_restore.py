@@ -1,0 +1,265 @@
+"""restore-etcd-cluster on the lab: real etcd 3.5 with TLS, over real SSH, through Prefect's server."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows import machinery
+from flows.restore import restore_etcd_cluster
+from tasks.remote import connect
+from tests.conftest import REPO, keys_on, put_keys, snapshot
+
+
+def error_of(state) -> str:
+    try:
+        state.result()
+    except Exception as err:
+        return str(err)
+    return ""
+
+
+def prepare_lab(lab, tmp_path: Path, name: str = "snapshot.db") -> tuple[Path, list[str]]:
+    """Keys, a snapshot, then more keys that the restore must remove."""
+    put_keys(lab, "/registry/pods/p", 300)
+    snap = snapshot(lab, tmp_path / name)
+    expected = keys_on(lab, "etcd1")
+    put_keys(lab, "/later/k", 40)
+    return snap, expected
+
+
+def assert_restored(lab, expected: list[str]) -> None:
+    for m in lab.masters():
+        got = keys_on(lab, m.member)
+        assert got == expected, f"{m.member} serves {len(got)} keys, expected {len(expected)}"
+        assert not any(k.startswith("/later/") for k in got)
+
+
+def quarantines(lab, member: str) -> list[Path]:
+    return sorted(Path(lab.master(member).data_dir_host).glob("nova-dr-quarantine-*"))
+
+
+def fingerprint(lab) -> dict:
+    """What 'nothing changed' means on a master: processes, data dir entries, files we edit."""
+    out = {}
+    cluster = lab.cluster()
+    for m in lab.masters():
+        conn = connect(cluster, cluster.master(m.member))
+        out[m.member] = (
+            lab.etcd_pid(m.member),
+            sorted(p.name for p in Path(m.data_dir_host).iterdir()) if Path(m.data_dir_host).exists() else None,
+            conn.run(["sh", "-c", "sha256sum /etc/etcd.env; ls /etc/kubernetes/manifests"]).stdout,
+        )
+        conn.close()
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_full_restore(lab_factory, tmp_path, n):
+    lab = lab_factory(n)
+    snap, expected = prepare_lab(lab, tmp_path)
+    if n == 1:
+        lab.break_member("etcd1", "corrupt")
+    else:  # two of three lost (one corrupt, one wiped; etcd3 is the mount-point master), or three of five
+        lab.break_member("etcd2", "corrupt")
+        lab.break_member(f"etcd{n}", "wipe")
+        if n == 5:
+            lab.break_member("etcd3", "stop")
+    state = restore_etcd_cluster(inventory=str(lab.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True,
+                                 return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert_restored(lab, expected)
+    assert all(r["healthy"] for r in lab.status())
+    result = state.result()
+    v = result["verify"]
+    assert len({r["hashkv"] for r in v["rows"]}) == 1 and sum(r["leader"] for r in v["rows"]) == 1
+    assert {r["live_keys"] for r in v["rows"]} == {len(expected)}
+    # Old data kept: the corrupt db is in quarantine, on the data dir's own filesystem.
+    corrupt = "etcd1" if n == 1 else "etcd2"
+    q = quarantines(lab, corrupt)
+    assert len(q) == 1 and (q[0] / "member/snap/db").stat().st_size == 4096
+    assert result["quarantine"][corrupt] == "/var/lib/etcd/" + q[0].name
+    if n >= 3:
+        assert lab.master(f"etcd{n}").mount_point and quarantines(lab, f"etcd{n}") == []  # wiped: nothing to keep
+        assert len(quarantines(lab, "etcd1")) == 1  # a healthy member's data is kept too
+    # The kube-apiserver manifest is back in place.
+    cluster = lab.cluster()
+    assert "kube-apiserver.yaml" in connect(cluster, cluster.masters[0]).run(["ls", "/etc/kubernetes/manifests"]).stdout
+
+
+def _start_in_subprocess(lab, snap: Path) -> subprocess.Popen:
+    code = ("from flows.restore import restore_etcd_cluster as f; "
+            f"f(inventory={str(lab.dir / 'inventory.yaml')!r}, snapshot={str(snap)!r}, auto_approve=True)")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _kill_and_release(proc: subprocess.Popen, holds: list[Path]) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for h in holds:  # the held remote commands give up instead of running late
+        Path(f"{h}.abort").touch()
+    _wait_for(lambda: not any(Path(f"{h}.reached").exists() for h in holds), 20, "held commands to abort")
+    for h in holds:
+        h.unlink()
+        Path(f"{h}.abort").unlink()
+
+
+@pytest.mark.parametrize("where", ["after-quarantine", "mid-restores"])
+def test_resume_after_the_process_is_killed(lab3, tmp_path, where):
+    snap, expected = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd1", "corrupt")
+    lab3.break_member("etcd3", "wipe")
+    if where == "after-quarantine":  # every swap done; the run dies while starting etcd
+        holds = [lab3.hold(m.member, "systemctl-start") for m in lab3.masters()]
+    else:  # etcd1 and etcd3 restored into staging; etcd2's restore never finishes
+        holds = [lab3.hold("etcd2", "etcdutl-snapshot-restore")]
+    proc = _start_in_subprocess(lab3, snap)
+    _wait_for(lambda: all(Path(f"{h}.reached").exists() for h in holds) or proc.poll() is not None, 180, "the hold")
+    assert proc.poll() is None, "the flow ended before reaching the hold"
+    if where == "after-quarantine":
+        assert all(len(quarantines(lab3, m)) == 1 for m in ("etcd1", "etcd2"))
+    _kill_and_release(proc, holds)
+    state = restore_etcd_cluster(inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True,
+                                 return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert_restored(lab3, expected)
+    # The re-run did not quarantine what the first run had restored: one quarantine each, old data in it.
+    for m in ("etcd1", "etcd2"):
+        q = quarantines(lab3, m)
+        assert len(q) == 1 and (q[0] / "member").is_dir()
+    assert (quarantines(lab3, "etcd1")[0] / "member/snap/db").stat().st_size == 4096
+
+
+def _run_in_thread(**kw) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    ids: list[str] = []
+    machinery.GATE_LISTENERS.append(lambda run_id, plan: ids.append(run_id))
+
+    def target():
+        out["state"] = restore_etcd_cluster(return_state=True, **kw)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    out["ids"] = ids
+    return t, out
+
+
+def _wait_paused(out: dict, timeout: float = 120) -> str:
+    from prefect.client.orchestration import get_client
+
+    _wait_for(lambda: out["ids"] or "state" in out, timeout, "the gate")
+    assert "state" not in out, error_of(out["state"])
+    run_id = out["ids"][0]
+    with get_client(sync_client=True) as client:
+        _wait_for(lambda: client.read_flow_run(run_id).state.is_paused(), 60, "the run to pause")
+    return run_id
+
+
+def _answer(run_id: str, approve: bool) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        res = client.resume_flow_run(run_id, run_input={"approve": approve, "name": "test-sre", "reason": "test"})
+    assert str(res.status.value).upper() == "ACCEPT", res
+
+
+@pytest.fixture
+def clean_listeners():
+    yield
+    machinery.GATE_LISTENERS.clear()
+
+
+def test_gate_reject_changes_nothing_then_approve_proceeds(lab3, tmp_path, clean_listeners):
+    snap, expected = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd2", "corrupt")
+    lab3.break_member("etcd3", "wipe")
+    before = fingerprint(lab3)
+    inv = str(lab3.dir / "inventory.yaml")
+    t, out = _run_in_thread(inventory=inv, snapshot=str(snap))
+    _answer(_wait_paused(out), approve=False)
+    t.join(60)
+    assert "plan rejected by test-sre: test; nothing was changed" in error_of(out["state"])
+    assert fingerprint(lab3) == before
+    machinery.GATE_LISTENERS.clear()
+    t, out = _run_in_thread(inventory=inv, snapshot=str(snap))
+    _answer(_wait_paused(out), approve=True)
+    t.join(180)
+    assert out["state"].is_completed(), error_of(out["state"])
+    assert out["state"].result()["approval"] == {"approved_by": "test-sre", "reason": "test"}
+    assert_restored(lab3, expected)
+
+
+def test_changed_facts_after_approval_stop_the_run(lab3, tmp_path, clean_listeners):
+    snap, _ = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd2", "wipe")
+    t, out = _run_in_thread(inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap))
+    run_id = _wait_paused(out)
+    cluster = lab3.cluster()
+    conn = connect(cluster, cluster.masters[0])  # someone moves etcd1's manifest away meanwhile
+    conn.run(["mv", "/etc/kubernetes/manifests/kube-apiserver.yaml", "/root-kube-apiserver.yaml"])
+    before = fingerprint(lab3)
+    _answer(run_id, approve=True)
+    t.join(60)
+    assert "the cluster changed while the plan waited for approval" in error_of(out["state"])
+    assert "park-manifest@etcd1" in error_of(out["state"])
+    assert fingerprint(lab3) == before
+
+
+def test_refusals_change_nothing(lab3, tmp_path, clean_listeners):
+    snap, _ = prepare_lab(lab3, tmp_path, name="etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2026-11-27_040000.db")
+    lab3.break_member("etcd2", "corrupt")
+    inv = str(lab3.dir / "inventory.yaml")
+    before = fingerprint(lab3)
+
+    def refused(snapshot: Path, **kw) -> str:
+        state = restore_etcd_cluster(inventory=inv, snapshot=str(snapshot), auto_approve=True, return_state=True, **kw)
+        assert not state.is_completed()
+        return error_of(state)
+
+    bad = bytearray(snap.read_bytes())
+    bad[len(bad) // 2] ^= 0x01
+    flipped = tmp_path / "flipped" / snap.name
+    flipped.parent.mkdir()
+    flipped.write_bytes(bad)
+    assert "sha256 trailer does not match" in refused(flipped)
+
+    listed = tmp_path / "listed" / snap.name
+    listed.parent.mkdir()
+    listed.write_bytes(snap.read_bytes())
+    (listed.parent / "nova-dr-manifest_2026-11-27_040000.json").write_text(
+        '{"files": {"%s": {"sha256": "%s"}}}' % (snap.name, hashlib.sha256(b"other").hexdigest()))
+    assert "sha256 differs from its manifest" in refused(listed)
+
+    other = tmp_path / "etcd_snapshot_nova-v6.0.2_k8s-v1.27.11_2026-11-27_040000.db"
+    other.write_bytes(snap.read_bytes())
+    assert "made by Nova 6.0.2, the cluster runs 6.0.1" in refused(other)
+
+    # A second recovery while one holds the cluster (paused at its gate) is refused, naming it.
+    t, out = _run_in_thread(inventory=inv, snapshot=str(snap))
+    holder = _wait_paused(out)
+    msg = refused(snap, wait_for_cluster_seconds=2)
+    assert "another recovery holds it" in msg and holder in msg
+    _answer(holder, approve=False)
+    t.join(60)
+    assert fingerprint(lab3) == before
+
+    os.kill(lab3.master("etcd3").sshd_pid, signal.SIGKILL)  # etcd3 unreachable over SSH
+    msg = refused(snap)
+    assert "etcd3 unreachable over SSH" in msg and "nova-master-3.lab.local" in msg
