@@ -350,7 +350,9 @@ class Lab:
         for pid in pids:
             if _pid_alive(pid):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        # etcd may spend seconds trying to hand leadership to peers that stop too; a lab
+        # has nothing to lose, so it gets 3 s before KILL.
+        deadline = time.monotonic() + 3
         while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in pids:

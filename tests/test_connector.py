@@ -13,7 +13,7 @@ from tasks.remote import LocalConnector, connect
 
 @pytest.fixture(scope="module")
 def lab():
-    from tests.conftest import make_lab
+    from tests.helpers import make_lab
 
     lab = make_lab(1)
     yield lab

@@ -8,7 +8,7 @@ import pytest
 
 from lab.lab import _pid_alive
 from tasks.remote import connect
-from tests.conftest import make_lab
+from tests.helpers import make_lab
 
 
 @pytest.mark.parametrize("n", [1, 3, 5])

@@ -16,7 +16,7 @@ import pytest
 from flows import machinery
 from flows.restore import restore_etcd_cluster
 from tasks.remote import connect
-from tests.conftest import REPO, keys_on, put_keys, snapshot
+from tests.helpers import REPO, keys_on, put_keys, snapshot
 
 
 def error_of(state) -> str:
@@ -95,11 +95,11 @@ def test_full_restore(lab_factory, tmp_path, n):
     assert "kube-apiserver.yaml" in connect(cluster, cluster.masters[0]).run(["ls", "/etc/kubernetes/manifests"]).stdout
 
 
-def _start_in_subprocess(lab, snap: Path) -> subprocess.Popen:
+def _start_in_subprocess(lab, snap: Path, log: Path) -> subprocess.Popen:
     code = ("from flows.restore import restore_etcd_cluster as f; "
             f"f(inventory={str(lab.dir / 'inventory.yaml')!r}, snapshot={str(snap)!r}, auto_approve=True)")
-    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "wb")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True, stdout=out, stderr=out)
 
 
 def _wait_for(pred, timeout: float, what: str) -> None:
@@ -130,9 +130,9 @@ def test_resume_after_the_process_is_killed(lab3, tmp_path, where):
         holds = [lab3.hold(m.member, "systemctl-start") for m in lab3.masters()]
     else:  # etcd1 and etcd3 restored into staging; etcd2's restore never finishes
         holds = [lab3.hold("etcd2", "etcdutl-snapshot-restore")]
-    proc = _start_in_subprocess(lab3, snap)
+    proc = _start_in_subprocess(lab3, snap, tmp_path / "first-run.log")
     _wait_for(lambda: all(Path(f"{h}.reached").exists() for h in holds) or proc.poll() is not None, 180, "the hold")
-    assert proc.poll() is None, "the flow ended before reaching the hold"
+    assert proc.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
     if where == "after-quarantine":
         assert all(len(quarantines(lab3, m)) == 1 for m in ("etcd1", "etcd2"))
     _kill_and_release(proc, holds)
