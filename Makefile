@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: demo test deps sys-deps clean bench
+.PHONY: demo test deps sys-deps clean
 
 sys-deps:
 	@if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null || ! command -v openssl >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client openssl util-linux; \
 	fi
+	@$(PY) -m venv --help >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; }
 	@mkdir -p /run/sshd
 
 $(STAMP): pyproject.toml
@@ -28,9 +29,6 @@ demo: deps
 
 test: deps
 	$(BIN)/python -m pytest -q tests
-
-bench: deps
-	$(BIN)/python bench/run.py
 
 clean:
 	-$(BIN)/nova-dr lab down

@@ -153,6 +153,10 @@ class Lab:
             shutil.rmtree(self.dir / sub, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         lms = [self._lab_master(i, masters, net) for i in range(1, masters + 1)]
+        busy = [m.address for m in lms if _wait_port(m.address, 22, 0.2)]
+        if busy:
+            raise LabError(f"{', '.join(busy)}: port 22 already answers (another lab?). Stop it with "
+                           "`nova-dr lab down --dir THAT_DIR`, or pick other addresses with --net N")
         self._make_pki(lms)
         self._make_ssh(lms)
         for lm in lms:
