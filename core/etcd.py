@@ -196,3 +196,24 @@ def restore_argv(binary: str, snapshot: str, data_dir: str, name: str, initial_c
 
 def show(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def summarize_log(text: str, most: int = 6) -> str:
+    """The lines of an etcd log that explain a failure: its error/fatal/panic entries (without
+    the Go stack traces), or the last lines when there are none."""
+    picked = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("level") in ("error", "fatal", "panic", "dpanic"):
+                err = f" ({entry['error']})" if entry.get("error") else ""
+                picked.append(f"{entry['level']}: {entry.get('msg', '')}{err}")
+        elif line.startswith(("panic:", "fatal error:")):
+            picked.append(line)
+    if not picked:
+        picked = [x for x in text.strip().splitlines() if x.strip()][-most:]
+    return " | ".join(picked[-most:])[-2000:] or "(no log lines)"

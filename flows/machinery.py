@@ -281,3 +281,20 @@ def step_table(results: dict[str, dict], current_run: str, markdown: bool = True
 def publish(key: str, markdown: str, description: str) -> None:
     create_markdown_artifact(markdown=markdown, key=key, description=description)
 
+
+
+def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: dict[str, Action],
+                 auto_approve: bool, approval_timeout_minutes: float) -> tuple[ClusterFacts, Plan, dict, dict]:
+    """The shape every recovery shares: preflight -> plan -> gate -> re-check -> execute.
+
+    `make_plan` refuses (raises) when the facts do not allow the procedure. Returns the facts
+    before, the plan, who approved, and each step's result."""
+    log = get_run_logger()
+    before = preflight(run)
+    plan = make_plan(before)
+    log.info("%s", plan.text())
+    publish(f"{_slug(plan.flow)}-plan", plan.markdown(), f"What {plan.flow} will do")
+    approval = approval_gate(plan, auto_approve, approval_timeout_minutes)
+    if not auto_approve:
+        ensure_plan_unchanged(plan, make_plan(preflight(run)))
+    return before, plan, approval, execute_plan(run, plan, actions)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from flows.member import plan_replace, plan_restart, replace_etcd_member, restart_etcd_member
 from flows.restore import plan_restore, restore_etcd_cluster
 
 FLOWS = {
     "restore-etcd-cluster": restore_etcd_cluster,
+    "replace-etcd-member": replace_etcd_member,
+    "restart-etcd-member": restart_etcd_member,
 }
 
 PLANNERS = {
     "restore-etcd-cluster": plan_restore,
+    "replace-etcd-member": plan_replace,
+    "restart-etcd-member": plan_restart,
 }

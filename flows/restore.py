@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -21,6 +20,7 @@ from core.plan import Plan, Step
 from core.restore_plan import FOLLOW_UPS, build_restore_plan
 from core.snapshot import SnapshotCheck, prepare_snapshot
 from flows import machinery as mc
+from flows.actions import on, quarantine_name, start_etcd, stop_etcd
 from flows.machinery import Run
 from flows.slot import cluster_slot
 from tasks import datadir, etcd, service
@@ -31,12 +31,8 @@ FLOW_NAME = "restore-etcd-cluster"
 
 # -- the actions the plan's steps name --------------------------------------------------
 
-def _m(run: Run, step: Step):
-    return run.conn(step.master), run.cluster.master(step.master)
-
-
 def copy_snapshot(run: Run, step: Step, up: dict) -> str:
-    conn, m = _m(run, step)
+    conn, m = on(run, step)
     snap: SnapshotCheck = run.data["snapshot"]
     if datadir.staging_state(conn, m, run.recovery_id) == "swapped":
         return "not needed: restored data already in place"
@@ -44,13 +40,13 @@ def copy_snapshot(run: Run, step: Step, up: dict) -> str:
 
 
 def check_snapshot(run: Run, step: Step, up: dict) -> dict:
-    conn, m = _m(run, step)
+    conn, m = on(run, step)
     st = etcd.read_snapshot_status(conn, m, f"{datadir.work_dir(m, run.recovery_id)}/snapshot.db")
     return {"revision": st.revision, "hash": st.hash, "total_size": st.total_size}
 
 
 def restore_staging(run: Run, step: Step, up: dict) -> dict:
-    conn, m = _m(run, step)
+    conn, m = on(run, step)
     state = datadir.staging_state(conn, m, run.recovery_id)
     if state != "none":
         return {"state": f"already {state}", "bumped": etcd.bump_for(conn, m, step.args["bump_revision"])}
@@ -63,43 +59,34 @@ def restore_staging(run: Run, step: Step, up: dict) -> dict:
 
 
 def park_manifest(run: Run, step: Step, up: dict) -> str:
-    return datadir.park_manifest(*_m(run, step))
+    return datadir.park_manifest(*on(run, step))
 
 
 def unpark_manifest(run: Run, step: Step, up: dict) -> str:
-    return datadir.unpark_manifest(*_m(run, step))
-
-
-def stop_etcd(run: Run, step: Step, up: dict) -> str:
-    return service.stop_etcd(*_m(run, step))
-
-
-def start_etcd(run: Run, step: Step, up: dict) -> str:
-    return service.start_etcd(*_m(run, step))
+    return datadir.unpark_manifest(*on(run, step))
 
 
 def set_state_new(run: Run, step: Step, up: dict) -> str:
-    conn, m = _m(run, step)
+    conn, m = on(run, step)
     return datadir.set_initial_cluster_state(conn, m, "new", run.recovery_id)
 
 
 def swap_data(run: Run, step: Step, up: dict) -> dict:
-    conn, m = _m(run, step)
+    conn, m = on(run, step)
     # The checkpoint may say "stopped", but someone may have started etcd since: the master
     # decides. Never move a data dir from under a running member.
     service.stop_etcd(conn, m)
-    q = datadir.find_quarantine(conn, m, run.recovery_id) or (
-        f"{m.paths.data_dir}/nova-dr-quarantine-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{run.recovery_id}")
+    q = datadir.find_quarantine(conn, m, run.recovery_id) or quarantine_name(run, m)
     result = datadir.swap_in_restored(conn, m, run.recovery_id, q)
     return {"result": result, "quarantine": datadir.find_quarantine(conn, m, run.recovery_id) or "(nothing to keep)"}
 
 
 def clean_work(run: Run, step: Step, up: dict) -> str:
-    return datadir.clean_work_dir(*_m(run, step), run.recovery_id)
+    return datadir.clean_work_dir(*on(run, step), run.recovery_id)
 
 
 def delete_old_data(run: Run, step: Step, up: dict) -> str:
-    return datadir.delete_quarantine(*_m(run, step), run.recovery_id)
+    return datadir.delete_quarantine(*on(run, step), run.recovery_id)
 
 
 def wait_healthy(run: Run, step: Step, up: dict) -> dict:
@@ -240,18 +227,14 @@ def restore_etcd_cluster(
 
 def _restore(run: Run, auto_approve: bool, approval_timeout_minutes: float, log) -> dict:
     snap: SnapshotCheck = run.data["snapshot"]
-    before = mc.preflight(run)
-    refuse_unsafe(before, snap)
-    plan = make_plan(run, before)
-    log.info("%s", plan.text())
-    mc.publish("restore-plan", plan.markdown(), "What restore-etcd-cluster will do")
-    approval = mc.approval_gate(plan, auto_approve, approval_timeout_minutes)
-    if not auto_approve:
-        again = mc.preflight(run)
-        refuse_unsafe(again, snap)
-        mc.ensure_plan_unchanged(plan, make_plan(run, again))
+
+    def plan_from(facts: ClusterFacts) -> Plan:
+        refuse_unsafe(facts, snap)
+        return make_plan(run, facts)
+
     started = time.time()
-    results = mc.execute_plan(run, plan, ACTIONS)
+    before, plan, approval, results = mc.run_recovery(run, plan_from, ACTIONS, auto_approve,
+                                                      approval_timeout_minutes)
     ctx = FlowRunContext.get()
     report = render_report(run, plan, before, results, approval, time.time() - started,
                            str(ctx.flow_run.id) if ctx else "")

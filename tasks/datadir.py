@@ -196,3 +196,27 @@ def delete_quarantine(conn: Connector, master: Master, recovery_id: str) -> str:
     assert PurePosixPath(q).name.startswith("nova-dr-quarantine-")
     conn.run(["rm", "-rf", "--one-file-system", q])
     return f"deleted {q}"
+
+
+QUARANTINE = r"""
+set -eu
+d=$1; q=$2; marker=$3
+[ -e "$marker" ] && { echo already; exit 0; }
+if [ -d "$d/member" ]; then
+  mkdir -p "$q"
+  [ -e "$q/member" ] && { echo "$q/member exists; refusing to overwrite it" >&2; exit 3; }
+  mv "$d/member" "$q/member"
+  echo quarantined
+else
+  echo "no member dir"
+fi
+mkdir -p "$(dirname "$marker")"; touch "$marker"
+"""
+
+
+def quarantine_member_dir(conn: Connector, master: Master, recovery_id: str, quarantine: str) -> str:
+    """Move the member dir aside (replace: the member then starts empty and fetches from the leader).
+    A marker makes a re-run leave alone the member dir that the new member has created since."""
+    marker = f"{work_dir(master, recovery_id)}/quarantined"
+    res = conn.run(["sh", "-c", QUARANTINE, "sh", master.paths.data_dir, quarantine, marker])
+    return res.stdout.strip()

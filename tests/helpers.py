@@ -32,7 +32,7 @@ os.environ.update(
 from lab.lab import Lab, etcd_bin_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-_nets = itertools.count(100)
+_nets = itertools.count(int(os.environ.get("NOVA_DR_TEST_NET", "100")))  # 127.0.NET.x per lab
 
 
 def make_lab(masters: int) -> Lab:

@@ -202,3 +202,11 @@ def test_restore_plan_fingerprint_sees_changes():
     assert a.fingerprint() != build_restore_plan(_cluster(), _facts(manifest="absent"), "rid", **kw).fingerprint()
     d = build_restore_plan(_cluster(1), _facts(1), "rid", **{**kw, "delete_old_data": True})
     assert [s.id for s in d.steps if s.id.startswith("delete-old-data")] == ["delete-old-data@etcd1"]
+
+
+def test_summarize_log_keeps_the_panic_not_the_stack():
+    from core.etcd import summarize_log
+
+    s = summarize_log(cap("etcd_log_corrupt_db.txt"))
+    assert s.startswith("panic: failed to open database (file size too small)") and "goroutine" not in s
+    assert summarize_log("a\nb\n") == "a | b"

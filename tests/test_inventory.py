@@ -114,9 +114,13 @@ def test_unknown_block_is_a_clear_error():
         resolve_inventory("block:no-such-inv")
 
 
-def test_key_never_in_repr_logs_or_parameters(tmp_path, capfd):
+def test_key_never_in_repr_logs_or_parameters(tmp_path):
+    import logging
+    import time
+
     from prefect import flow, get_run_logger
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     path = _write_yaml(tmp_path)
     c = load_inventory_file(path)
@@ -128,10 +132,24 @@ def test_key_never_in_repr_logs_or_parameters(tmp_path, capfd):
         get_run_logger().info("loaded %r", cluster)
         return cluster.name
 
-    state = uses_inventory(path, return_state=True)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("prefect.flow_runs").addHandler(handler)
+    try:
+        state = uses_inventory(path, return_state=True)
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(handler)
     assert state.is_completed()
-    out, err = capfd.readouterr()
-    assert "loaded Cluster(" in out + err and "TOP-SECRET" not in out + err
+    local = "\n".join(records)
+    assert "loaded Cluster(" in local and "TOP-SECRET" not in local
+    run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(state.state_details.flow_run_id)
-    assert run.parameters == {"inventory": path}
+        assert client.read_flow_run(run_id).parameters == {"inventory": path}
+        deadline = time.monotonic() + 20  # logs reach the server in batches
+        stored = ""
+        while "loaded Cluster(" not in stored and time.monotonic() < deadline:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            stored = "\n".join(x.message for x in logs)
+            time.sleep(0.5)
+    assert "loaded Cluster(" in stored and "TOP-SECRET" not in stored

@@ -1,0 +1,211 @@
+"""Plan actions shared by the recovery flows: action(run, step, upstream results) -> detail.
+
+Each reads the master's real state before it acts, so a retry or a re-run is harmless.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from core.errors import CommandError, NovaDRError
+from core.etcd import parse_env_file, summarize_log
+from core.plan import Step
+from flows.machinery import Run
+from tasks import datadir, etcd, service
+from tasks.etcd import read_etcd_env
+
+# etcd refuses membership changes for 5 s after peers (re)connect ("unhealthy cluster"), and an
+# add right after a remove can time out while a leader is elected: retry, reading the list again.
+MEMBERSHIP_ATTEMPTS, MEMBERSHIP_DELAY = 12, 2.0
+TRANSIENT = ("unhealthy cluster", "timed out", "deadline exceeded", "leader changed", "too many requests")
+
+
+def on(run: Run, step: Step):
+    return run.conn(step.master), run.cluster.master(step.master)
+
+
+def stop_etcd(run: Run, step: Step, up: dict) -> str:
+    return service.stop_etcd(*on(run, step))
+
+
+def start_etcd(run: Run, step: Step, up: dict) -> str:
+    return service.start_etcd(*on(run, step))
+
+
+def _logs(run: Run, member: str) -> str:
+    return summarize_log(service.read_service_logs(run.conn(member), run.cluster.master(member)))
+
+
+def start_etcd_or_explain(run: Run, step: Step, up: dict) -> str:
+    try:
+        return service.start_etcd(*on(run, step))
+    except CommandError:
+        raise NovaDRError(f"{step.master} did not start. Last log lines: {_logs(run, step.master)}. Its data may be "
+                          f"lost or corrupt: run replace-etcd-member --param member={step.master}") from None
+
+
+def quarantine_name(run: Run, master) -> str:
+    return (f"{master.paths.data_dir}/nova-dr-quarantine-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-"
+            f"{run.recovery_id}")
+
+
+def quarantine_data(run: Run, step: Step, up: dict) -> dict:
+    conn, m = on(run, step)
+    service.stop_etcd(conn, m)  # never move a data dir from under a running member
+    q = datadir.find_quarantine(conn, m, run.recovery_id) or quarantine_name(run, m)
+    result = datadir.quarantine_member_dir(conn, m, run.recovery_id, q)
+    return {"result": result, "quarantine": datadir.find_quarantine(conn, m, run.recovery_id) or "(nothing to keep)"}
+
+
+def _retry_membership(what: str, attempt_fn) -> dict:
+    last = ""
+    for _ in range(MEMBERSHIP_ATTEMPTS):
+        try:
+            done = attempt_fn()
+        except CommandError as err:
+            if not any(t in str(err).lower() for t in TRANSIENT):
+                raise
+            last = str(err)
+            done = None
+        if done is not None:
+            return done
+        time.sleep(MEMBERSHIP_DELAY)
+    raise NovaDRError(f"{what} kept failing after {MEMBERSHIP_ATTEMPTS} attempts: {last}")
+
+
+def remove_member(run: Run, step: Step, up: dict) -> dict:
+    conn, helper = on(run, step)
+    target = run.cluster.master(step.args["target"])
+    env = read_etcd_env(conn, helper)
+
+    def attempt():
+        members = etcd.list_etcd_members(conn, helper, env)
+        if members is None:
+            return None  # the helper did not answer: read again
+        entry = next((x for x in members if target.peer_url in x.peer_urls), None)
+        if entry is None:
+            return {"result": "already removed"}
+        if not entry.started:
+            return {"result": f"already removed and re-added (unstarted member {entry.hex_id}): not removing it"}
+        etcd.member_remove(conn, helper, env, entry.hex_id)
+        return {"result": f"removed {entry.hex_id}"}
+
+    return _retry_membership(f"member remove of {target.etcd_member}", attempt)
+
+
+def add_member(run: Run, step: Step, up: dict) -> dict:
+    conn, helper = on(run, step)
+    target = run.cluster.master(step.args["target"])
+    env = read_etcd_env(conn, helper)
+
+    def attempt():
+        members = etcd.list_etcd_members(conn, helper, env)
+        if members is None:
+            return None
+        entry = next((x for x in members if target.peer_url in x.peer_urls), None)
+        if entry is not None:  # it landed already (maybe in a run that died): never add twice
+            initial = ",".join(f"{x.name or target.etcd_member}={x.peer_urls[0]}" for x in members)
+            return {"result": f"already added ({entry.hex_id})", "initial_cluster": initial}
+        out = etcd.member_add(conn, helper, env, target.etcd_member, target.peer_url)
+        return {"result": "added", "initial_cluster": parse_env_file(out).get("ETCD_INITIAL_CLUSTER", "")}
+
+    return _retry_membership(f"member add of {target.etcd_member}", attempt)
+
+
+def set_state_existing(run: Run, step: Step, up: dict) -> str:
+    conn, m = on(run, step)
+    initial = up["add-member"]["detail"].get("initial_cluster") or None
+    return datadir.set_initial_cluster_state(conn, m, "existing", run.recovery_id, initial)
+
+
+def wait_caught_up(run: Run, step: Step, up: dict) -> dict:
+    """Healthy, and it has applied everything the leader had applied a moment before: read the
+    leader first, then the member. (With writers running, members are never read at one instant,
+    so equal numbers would be luck.)"""
+    member = step.master
+    m = run.cluster.master(member)
+    conn = run.conn(member)
+    env = read_etcd_env(conn, m)
+    timeout = run.data.get("catch_up_timeout", 90)
+    deadline = time.monotonic() + timeout
+    seen = "not healthy"
+    while time.monotonic() < deadline:
+        if etcd.check_endpoint_health(conn, m, env):
+            leader = next((s for s in _statuses(run) if s.is_leader), None)
+            mine = etcd.read_endpoint_status(conn, m, env)
+            if mine and leader and mine.raft_applied_index >= leader.raft_applied_index:
+                return {"applied_index": mine.raft_applied_index, "leader_applied_index_before": leader.raft_applied_index}
+            seen = (f"healthy, applied index {mine.raft_applied_index if mine else '?'} vs leader's "
+                    f"{leader.raft_applied_index if leader else '?'}")
+        time.sleep(0.5)
+    nxt = step.args.get("next", f"replace-etcd-member --param member={member}")
+    raise NovaDRError(f"{member} did not catch up within {timeout:g}s ({seen}). "
+                      f"Last log lines: {_logs(run, member)}. Next: {nxt}")
+
+
+def _statuses(run: Run, masters=None) -> list:
+    out = []
+    for m in masters or run.cluster.masters:
+        conn = run.conn(m.etcd_member)
+        st = etcd.read_endpoint_status(conn, m, read_etcd_env(conn, m))
+        if st:
+            out.append(st)
+    return out
+
+
+def verify_members(run: Run, step: Step, up: dict) -> dict:
+    """Every member started and healthy; one leader; one raft term; applied indexes together;
+    with hashkv=True the same hashkv at one revision everywhere. Bounded retry."""
+    deadline = time.monotonic() + run.data.get("verify_timeout", 30)
+    while True:
+        rows, problems = _verify_once(run, step.args["members"], step.args.get("hashkv", False))
+        if not problems or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if problems:
+        raise NovaDRError("verification failed: " + "; ".join(problems))
+    return {"rows": rows}
+
+
+def _verify_once(run: Run, names: list[str], with_hashkv: bool) -> tuple[list[dict], list[str]]:
+    problems, rows = [], []
+    masters = [run.cluster.master(n) for n in names]
+    conn0 = run.conn(masters[0].etcd_member)
+    members = etcd.list_etcd_members(conn0, masters[0], read_etcd_env(conn0, masters[0])) or []
+    unstarted = [x.hex_id for x in members if not x.started]
+    if unstarted or len(members) != len(run.cluster.masters):
+        problems.append(f"member list has {len(members)} members, unstarted: {unstarted or 'none'}")
+    for m in masters:
+        conn = run.conn(m.etcd_member)
+        env = read_etcd_env(conn, m)
+        st = etcd.read_endpoint_status(conn, m, env)
+        if st is None:
+            problems.append(f"{m.etcd_member} does not answer")
+            continue
+        rows.append({"member": m.etcd_member, "leader": st.is_leader, "raft_term": st.raft_term,
+                     "applied_index": st.raft_applied_index, "revision": st.revision, "_id": st.member_id})
+    if problems:
+        return rows, problems
+    if sum(r["leader"] for r in rows) != 1:
+        problems.append(f"{sum(r['leader'] for r in rows)} leaders")
+    if len({r["raft_term"] for r in rows}) > 1:
+        problems.append("raft term differs: " + ", ".join(f"{r['member']}={r['raft_term']}" for r in rows))
+    # Converged: on a second reading every member has applied at least what the most advanced
+    # one had applied on the first (exact equality needs an idle cluster).
+    ahead = max(r["applied_index"] for r in rows)
+    again = {s.member_id: s.raft_applied_index for s in _statuses(run, masters)}
+    behind = [f"{r['member']}={again.get(r['_id'], '?')}" for r in rows if again.get(r["_id"], -1) < ahead]
+    if behind:
+        problems.append(f"applied index not converged (highest was {ahead}): {', '.join(behind)}")
+    if with_hashkv:
+        rev = min(r["revision"] for r in rows)
+        for r in rows:
+            m = run.cluster.master(r["member"])
+            conn = run.conn(m.etcd_member)
+            r["hashkv"] = etcd.read_hashkv(conn, m, read_etcd_env(conn, m), rev).hash
+        if len({r["hashkv"] for r in rows}) > 1:
+            problems.append(f"hashkv at revision {rev} differs: " + ", ".join(f"{r['member']}={r['hashkv']}" for r in rows))
+    for r in rows:
+        r.pop("_id")
+    return rows, problems
