@@ -11,7 +11,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import typer  # noqa: E402
 
-from cli import lab_cmd, run_cmd  # noqa: E402
+from cli import backups_cmd, lab_cmd, run_cmd  # noqa: E402
 
 app = typer.Typer(help="Back up and recover a Nova Container Platform control plane.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -20,3 +20,4 @@ app.command("run")(run_cmd.run)
 app.command("plan")(run_cmd.plan)
 app.command("approve")(run_cmd.approve)
 app.add_typer(run_cmd.inventory_app, name="inventory")
+app.add_typer(backups_cmd.app, name="backups")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import posixpath
 import tarfile
+from zlib import error as zlib_error
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -52,6 +53,14 @@ def check_member_path(name: str) -> None:
         raise UnsafeArchive(f"archive member {name!r} would land outside the extraction folder; refusing the archive")
 
 
+def check_link(m: tarfile.TarInfo) -> None:
+    if m.issym() or m.islnk():
+        base = posixpath.dirname(m.name) if m.issym() else ""
+        target = posixpath.normpath(posixpath.join(base, m.linkname))
+        if m.linkname.startswith("/") or target == ".." or target.startswith("../"):
+            raise UnsafeArchive(f"archive member {m.name!r} links to {m.linkname!r}, outside the folder; refusing")
+
+
 def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
     """Extract a tar(.gz), refusing absolute paths, `..`, links that point out, devices."""
     dest = Path(dest)
@@ -62,12 +71,8 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
             members = tar.getmembers()
             for m in members:
                 check_member_path(m.name)
-                if m.issym() or m.islnk():
-                    base = posixpath.dirname(m.name) if m.issym() else ""
-                    target = posixpath.normpath(posixpath.join(base, m.linkname))
-                    if m.linkname.startswith("/") or target == ".." or target.startswith("../"):
-                        raise UnsafeArchive(f"archive member {m.name!r} links to {m.linkname!r}, outside the folder; refusing")
-                elif not (m.isfile() or m.isdir()):
+                check_link(m)
+                if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                     raise UnsafeArchive(f"archive member {m.name!r} is a device or fifo; refusing the archive")
             # The 'data' filter is a second guard (and drops setuid bits and ownership).
             tar.extractall(dest, members=members, filter="data")
@@ -144,3 +149,22 @@ def prepare_snapshot(source: str | Path, workdir: str | Path, nova_version: str,
         warnings.append(msg + " (allowed by allow_version_mismatch)")
     return SnapshotCheck(str(src), str(db), sha256_file(db), db.stat().st_size, trailer, nova, k8s,
                          manifest_checked=entry is not None, warnings=warnings)
+
+
+def scan_archive(path: str | Path) -> list[str]:
+    """Read a gzip tar to its end (a truncated or corrupt one fails) and check every member's
+    path, without extracting anything. Returns the member names."""
+    names = []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for m in tar:
+                check_member_path(m.name)
+                check_link(m)
+                if m.isfile():
+                    f = tar.extractfile(m)
+                    while f.read(1 << 20):
+                        pass
+                names.append(m.name)
+    except (tarfile.TarError, EOFError, OSError, zlib_error) as err:
+        raise SnapshotError(f"{Path(path).name}: unreadable ({err})") from None
+    return names

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.flow_runs import FlowPauseTimeout, pause_flow_run
@@ -124,7 +125,7 @@ def gather_facts(run: Run) -> ClusterFacts:
     return ClusterFacts(masters=tuple(facts))
 
 
-@task(name="preflight", retries=0)
+@task(name="preflight", retries=0, cache_policy=NO_CACHE)
 def preflight(run: Run) -> ClusterFacts:
     facts = gather_facts(run)
     get_run_logger().info("preflight:\n%s", facts_table(facts, markdown=False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -18,13 +19,16 @@ from core.errors import NovaDRError, PreflightError
 from core.facts import ClusterFacts
 from core.plan import Plan, Step
 from core.restore_plan import FOLLOW_UPS, build_restore_plan
+from core.errors import SnapshotError
 from core.snapshot import SnapshotCheck, prepare_snapshot
 from flows import machinery as mc
 from flows.actions import on, quarantine_name, start_etcd, stop_etcd
 from flows.machinery import Run
 from flows.slot import cluster_slot
 from tasks import datadir, etcd, service
+from tasks.backups import fetch_set, find_set
 from tasks.etcd import read_etcd_env
+from tasks.storage import open_store
 
 FLOW_NAME = "restore-etcd-cluster"
 
@@ -180,12 +184,30 @@ def make_plan(run: Run, facts: ClusterFacts) -> Plan:
                               delete_old_data=run.data["delete_old_data"], warnings=warnings)
 
 
+def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block: str | None) -> str:
+    """Fetch the chosen set's etcd archive (and manifest) and check its sha256 before anything."""
+    st = open_store(store, s3_block)
+    names = [m.archive_name for m in cluster.masters]
+    found = find_set(st, backup or "latest", names, require_starvault=False)
+    fetched = fetch_set(st, found, Path(workdir) / "fetched", names=[found.etcd])
+    if fetched["problems"]:
+        raise SnapshotError(f"backup set {found.ts} in {st.url}: " + "; ".join(fetched["problems"])
+                            + "; nothing was changed")
+    return str(Path(workdir) / "fetched" / found.etcd)
+
+
 def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow_version_mismatch: bool,
-            bump_revision: int, delete_old_data: bool, workdir: str) -> Run:
+            bump_revision: int, delete_old_data: bool, workdir: str, store: str | None = None,
+            backup: str | None = None, s3_block: str | None = None) -> Run:
     """Everything before the cluster is touched: inventory, snapshot checks, recovery id."""
     cluster = resolve_inventory(inventory)
+    if snapshot and store:
+        raise NovaDRError("give either snapshot or store (+ backup), not both")
+    if store:
+        snapshot = snapshot_from_store(store, backup or "latest", cluster, workdir, s3_block)
     if not snapshot:
-        raise NovaDRError("no snapshot given; pass --param snapshot=PATH (an etcd_snapshot_*.db.tar.gz or .db)")
+        raise NovaDRError("no snapshot given; pass --param snapshot=PATH (an etcd_snapshot_*.db.tar.gz or .db), "
+                          "or store=URL with backup=latest|TIMESTAMP")
     snap = prepare_snapshot(snapshot, workdir, cluster.nova_version, allow_version_mismatch)
     if bump_revision < 0:
         raise NovaDRError(f"bump_revision={bump_revision}: give 0 (no bump) or a positive number")
@@ -206,16 +228,23 @@ def restore_etcd_cluster(
     approval_timeout_minutes: float = 60,
     wait_for_cluster_seconds: float = 120,
     healthy_timeout_seconds: float = 120,
+    store: str | None = None,
+    backup: str | None = None,
+    s3_block: str | None = None,
 ) -> dict:
     """Restore the whole etcd cluster from a snapshot (quorum lost; API down).
 
     inventory: a YAML path or block:NAME. snapshot: a path on this machine to an
     etcd_snapshot_*.db.tar.gz or a .db. recovery_id: resume that recovery. bump_revision:
     revisions to add, with --mark-compacted, where the etcd binary supports it (0: never).
+    store + backup: take the snapshot from a backup store (a directory or s3://bucket/prefix;
+    backup: latest or a set's timestamp) instead of a path; its sha256 is checked against the
+    set's manifest before anything is stopped.
     """
     log = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="nova-dr-snap-", dir=mc.state_dir()) as tmp:
-        run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp)
+        run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp,
+                      store, backup, s3_block)
         run.data["healthy_timeout"] = healthy_timeout_seconds
         print(f"recovery id: {run.recovery_id}")
         try:
@@ -275,11 +304,12 @@ def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, app
 
 def plan_restore(inventory: str, snapshot: str | None = None, recovery_id: str | None = None,
                  allow_version_mismatch: bool = False, bump_revision: int = 1_000_000_000,
-                 delete_old_data: bool = False, **_ignored) -> Plan:
+                 delete_old_data: bool = False, store: str | None = None, backup: str | None = None,
+                 s3_block: str | None = None, **_ignored) -> Plan:
     """`nova-dr plan restore-etcd-cluster`: preflight and plan, nothing touched."""
     with tempfile.TemporaryDirectory(prefix="nova-dr-plan-", dir=mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, int(bump_revision),
-                      delete_old_data in (True, "true", "1", "yes"), tmp)
+                      delete_old_data in (True, "true", "1", "yes"), tmp, store, backup, s3_block)
         try:
             facts = mc.gather_facts(run)
             refuse_unsafe(facts, run.data["snapshot"])

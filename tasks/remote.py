@@ -6,6 +6,7 @@ is ever pasted into a shell string unquoted. Host keys are checked strictly by d
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import shlex
@@ -40,6 +41,9 @@ class Connector(Protocol):
     def run(self, argv: Sequence[str], *, timeout: float = 120, check: bool = True,
             stdin: bytes | None = None) -> Result: ...
 
+    def stream(self, argv: Sequence[str], sink, *, timeout: float = 3600) -> Result:
+        """Run a command whose stdout goes to `sink` as it arrives (not kept in memory)."""
+
     def put_file(self, local: str | Path, remote: str, mode: int | None = None) -> None: ...
 
     def get_file(self, remote: str, local: str | Path) -> None: ...
@@ -67,6 +71,17 @@ class LocalConnector:
         p = subprocess.run(list(argv), input=stdin, capture_output=True, timeout=timeout)
         res = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
         return _check(self.name, argv, res, check)
+
+    def stream(self, argv, sink, *, timeout=3600) -> Result:
+        with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+            err = bytearray()
+            t = threading.Thread(target=lambda: err.extend(p.stderr.read()), daemon=True)
+            t.start()
+            while chunk := p.stdout.read(1 << 20):
+                sink.write(chunk)
+            code = p.wait(timeout)
+            t.join()
+        return _check(self.name, argv, Result(code, "", err.decode(errors="replace")), True)
 
     def put_file(self, local, remote, mode=None) -> None:
         shutil.copyfile(local, remote)
@@ -185,26 +200,39 @@ class SSHConnector:
 
     # -- the interface ---------------------------------------------------------------
     def run(self, argv, *, timeout=120, check=True, stdin=None) -> Result:
-        cmd = shell_join(argv)
+        out = io.BytesIO()
+        res = self._exec(argv, out, timeout, stdin)
+        return _check(self.name, argv, Result(res.code, out.getvalue().decode(errors="replace"), res.stderr), check)
+
+    def stream(self, argv, sink, *, timeout=3600) -> Result:
+        return _check(self.name, argv, self._exec(argv, sink, timeout, None), True)
+
+    def _open_channel(self):
         client = self._client_or_connect()
         try:
-            chan = client.get_transport().open_session(timeout=self._ssh.connect_timeout)
-        except (paramiko.SSHException, OSError, EOFError):
+            return client.get_transport().open_session(timeout=self._ssh.connect_timeout)
+        except (paramiko.SSHException, OSError, EOFError, AttributeError):
             # The channel never opened, so the command never ran: safe to reconnect and go on.
             self._drop()
-            client = self._client_or_connect()
-            chan = client.get_transport().open_session(timeout=self._ssh.connect_timeout)
+            return self._client_or_connect().get_transport().open_session(timeout=self._ssh.connect_timeout)
+
+    def _exec(self, argv, sink, timeout: float, stdin: bytes | None) -> Result:
+        chan = self._open_channel()
         try:
             chan.settimeout(timeout)
-            chan.exec_command(cmd)
+            chan.exec_command(shell_join(argv))
             if stdin:
                 chan.sendall(stdin)
             chan.shutdown_write()
-            out, err = bytearray(), bytearray()
+            err = bytearray()
             deadline = time.monotonic() + timeout
             while True:
                 if chan.recv_ready():
-                    out += chan.recv(65536)
+                    data = chan.recv(1 << 20)
+                    try:
+                        sink.write(data)
+                    except BaseException as e:  # the sink's own failure (a full disk), not the network's
+                        raise _SinkFailed(e) from e
                 elif chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
                 elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
@@ -214,8 +242,11 @@ class SSHConnector:
                         raise socket.timeout()
                     if chan.closed and not chan.exit_status_ready():
                         raise EOFError("channel closed")
-                    time.sleep(0.005)
+                    time.sleep(0.002)
             code = chan.recv_exit_status()
+        except _SinkFailed as e:
+            chan.close()
+            raise e.original from None
         except socket.timeout:
             chan.close()
             raise CommandError(self.name, list(argv), -1, "", f"timed out after {timeout:.0f}s") from None
@@ -223,8 +254,7 @@ class SSHConnector:
             self._drop()
             # The command may or may not have run: the caller re-reads state before retrying.
             raise ConnectionLost(f"{self.name}: connection lost while running `{argv[0]}`: {e}") from None
-        res = Result(code, out.decode(errors="replace"), err.decode(errors="replace"))
-        return _check(self.name, argv, res, check)
+        return Result(code, "", err.decode(errors="replace"))
 
     def _sftp(self) -> paramiko.SFTPClient:
         client = self._client_or_connect()
@@ -258,6 +288,11 @@ class SSHConnector:
 
     def close(self) -> None:
         self._drop()
+
+
+class _SinkFailed(Exception):
+    def __init__(self, original: BaseException):
+        self.original = original
 
 
 def connect(cluster: Cluster, master: Master) -> SSHConnector:

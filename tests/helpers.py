@@ -71,3 +71,39 @@ def snapshot(lab: Lab, path: Path, member: str = "etcd1") -> Path:
     m = lab.master(member)
     lab.etcdctl("snapshot", "save", str(path), endpoints=[f"https://{m.address}:2379"])
     return path
+
+
+def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
+    """An S3 server process (moto) on a free loopback port."""
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    out = open(log, "ab")
+    p = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                         stdout=out, stderr=out, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return p, url
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.1)
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "nova-test", "AWS_SECRET_ACCESS_KEY": "nova-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def make_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    env = s3_env(endpoint)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)

@@ -1,0 +1,120 @@
+"""Backup sets from a store's file list (SPEC "Backup contents"). Pure: names in, sets out.
+
+The platform's daemon stamps each master's archive with its own time, seconds or minutes
+apart, so a set is the etcd snapshot plus the files whose timestamps fall within a window
+around it, not an exact timestamp match. Our own backup flow writes one timestamp per run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from core.names import parse_name, parse_timestamp
+
+WINDOW = timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    name: str
+    size: int = 0
+
+
+@dataclass
+class BackupSet:
+    ts: str  # the etcd snapshot's timestamp: the set's id
+    etcd: str
+    nova_version: str
+    k8s_version: str
+    nodes: dict[str, str] = field(default_factory=dict)  # archive name -> file
+    starvault: str | None = None
+    manifest: str | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def time(self) -> datetime:
+        return parse_timestamp(self.ts)
+
+    @property
+    def files(self) -> list[str]:
+        return [f for f in [self.etcd, *self.nodes.values(), self.starvault, self.manifest] if f]
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes.get(f, 0) for f in self.files)
+
+    def missing(self, archive_names: list[str], require_starvault: bool = True) -> list[str]:
+        out = [f"archive of {a}" for a in archive_names if a not in self.nodes]
+        if require_starvault and not self.starvault:
+            out.append("StarVault snapshot")
+        return out
+
+    def complete(self, archive_names: list[str], require_starvault: bool = True) -> bool:
+        return not self.missing(archive_names, require_starvault)
+
+
+def read_sets(files: list[StoredFile], window: timedelta = WINDOW) -> tuple[list[BackupSet], list[str]]:
+    """Sets, newest first, and the names of ours that belong to no set (left alone)."""
+    sizes = {f.name: f.size for f in files}
+    parsed = [(f.name, p) for f in files if (p := parse_name(f.name))]
+    sets = {p.ts: BackupSet(p.ts, name, p.nova_version, p.k8s_version, sizes=sizes)
+            for name, p in parsed if p.kind == "etcd"}
+    orphans = []
+    for name, p in parsed:
+        if p.kind == "etcd":
+            continue
+        t = parse_timestamp(p.ts)
+        near = [s for s in sets.values() if abs(s.time - t) <= window]
+        if p.kind == "manifest":
+            near = [s for s in near if s.ts == p.ts]  # ours: written with the run's one timestamp
+        if not near:
+            orphans.append(name)
+            continue
+        best = min(near, key=lambda s: (abs(s.time - t), s.ts))
+        if p.kind == "node":
+            # Two archives of one master near one snapshot: keep the nearer in time.
+            old = best.nodes.get(p.node)
+            if old is None or abs(parse_timestamp(parse_name(old).ts) - best.time) > abs(t - best.time):
+                best.nodes[p.node] = name
+        elif p.kind == "starvault":
+            best.starvault = best.starvault or name
+        elif p.kind == "manifest":
+            best.manifest = name
+    return sorted(sets.values(), key=lambda s: s.ts, reverse=True), orphans
+
+
+def choose_set(sets: list[BackupSet], which: str, archive_names: list[str], require_starvault: bool) -> BackupSet:
+    """`latest` is the newest complete set; otherwise the set with that timestamp."""
+    from core.errors import NovaDRError
+
+    if which == "latest":
+        for s in sets:
+            if s.complete(archive_names, require_starvault):
+                return s
+        raise NovaDRError("no complete backup set in the store (" + (
+            "; ".join(f"{s.ts}: missing {', '.join(s.missing(archive_names, require_starvault))}" for s in sets[:3])
+            or "it holds no etcd snapshot") + ")")
+    for s in sets:
+        if s.ts == which:
+            return s
+    raise NovaDRError(f"no backup set {which!r} in the store; the sets are: "
+                      f"{', '.join(s.ts for s in sets[:10]) or 'none'} (or use latest)")
+
+
+def expired(sets: list[BackupSet], now: datetime, days: int, archive_names: list[str],
+            require_starvault: bool) -> tuple[list[str], str]:
+    """Files to delete under RETENTION_PERIOD_DAYS, and why anything was kept.
+
+    Never the newest complete set (however old), never anything when the newest set lies in
+    the future (a clock is wrong), never a file that is not one of ours (only set members)."""
+    if not sets:
+        return [], "no sets"
+    if sets[0].time > now + timedelta(minutes=5):
+        return [], f"newest set {sets[0].ts} is in the future: clocks disagree, nothing deleted"
+    newest_complete = next((s for s in sets if s.complete(archive_names, require_starvault)), None)
+    if newest_complete is None:
+        return [], "no complete set: nothing deleted"
+    cutoff = now - timedelta(days=days)
+    doomed = [f for s in sets if s is not newest_complete and s.time < cutoff for f in s.files]
+    return doomed, f"kept the newest complete set {newest_complete.ts}"

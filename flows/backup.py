@@ -1,0 +1,166 @@
+"""backup-master-nodes: what the Nova Backup Daemon does, as a flow, to a directory (NFS) or S3.
+
+One run, one timestamp: the etcd snapshot once (from a follower), one archive per master in
+parallel, the StarVault snapshot once, then the manifest, written last. Retention runs only
+after a successful backup.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from blocks.inventory import resolve_inventory
+from core.errors import NovaDRError, PreflightError
+from core.facts import ClusterFacts
+from core.inventory import Cluster
+from core.names import etcd_snapshot_name, manifest_name, node_archive_name, starvault_snapshot_name, timestamp
+from core.sets import expired, read_sets
+from core.settings import resolve_settings
+from flows import machinery as mc
+from flows.machinery import Run
+from tasks import archive
+from tasks.storage import BackupStore, open_store
+
+FLOW_NAME = "backup-master-nodes"
+
+
+def choose_snapshot_member(facts: ClusterFacts) -> str:
+    """A healthy follower (the leader has enough to do), else the leader."""
+    followers = [f.member for f in facts.masters if f.healthy and not (f.status and f.status.is_leader)]
+    if followers:
+        return followers[0]
+    if facts.healthy:
+        return facts.healthy[0]
+    raise PreflightError("no healthy etcd member to take the snapshot from; nothing was written")
+
+
+@task(name="save-etcd-snapshot", retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def save_etcd_snapshot(run: Run, member: str, store: BackupStore, ts: str) -> dict:
+    c = run.cluster
+    m = c.master(member)
+    conn = run.conn(member)
+    db = etcd_snapshot_name(c.nova_version, c.k8s_version, ts, packed=False)
+    tmp = f"{m.paths.backup_dir}/.nova-dr-{ts}.db"
+    try:
+        status = archive.save_snapshot_on_master(conn, m, tmp)
+        name = db + ".tar.gz"
+        size, sha = archive.store_snapshot_archive(conn, tmp, db, store, name)
+    finally:
+        archive.remove_temp_snapshot(conn, tmp)
+    return {"name": name, "size": size, "sha256": sha, "kind": "etcd", "member": member, "status": status}
+
+
+@task(name="archive-master-files", retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def archive_master_files(run: Run, member: str, store: BackupStore, ts: str, settings: dict) -> dict:
+    m = run.cluster.master(member)
+    conn = run.conn(member)
+    files, left_out, certs = archive.node_archive_members(conn, m, settings)
+    name = node_archive_name(m.archive_name, ts)
+    size, sha = archive.store_node_archive(conn, m, files, store, name)
+    return {"name": name, "size": size, "sha256": sha, "kind": "node", "node": m.archive_name, "files": len(files),
+            "left_out": left_out, "certificates": {e.path: e.not_after for e in certs}}
+
+
+@task(name="save-starvault-snapshot", retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def save_starvault_snapshot(cluster: Cluster, block: str, store: BackupStore, ts: str) -> dict:
+    from blocks.storage import StarVaultCredentials
+    from tasks.starvault import store_raft_snapshot
+
+    name = starvault_snapshot_name(cluster.nova_version, ts)
+    size, sha = store_raft_snapshot(StarVaultCredentials.load(block), store, name)
+    return {"name": name, "size": size, "sha256": sha, "kind": "starvault"}
+
+
+def write_manifest(store: BackupStore, cluster: Cluster, ts: str, results: list[dict], settings: dict) -> str:
+    etcd = next(r for r in results if r["kind"] == "etcd")
+    doc = {
+        "format": 1, "created_by": "nova-dr backup-master-nodes", "timestamp": ts, "cluster": cluster.name,
+        "nova_version": cluster.nova_version, "k8s_version": cluster.k8s_version, "settings": settings,
+        "etcd_snapshot": {"member": etcd["member"], "status": etcd["status"]},
+        "masters": [m.archive_name for m in cluster.masters],
+        "files": {r["name"]: {"size": r["size"], "sha256": r["sha256"], "kind": r["kind"],
+                              **({"node": r["node"]} if "node" in r else {})} for r in results},
+    }
+    body = json.dumps(doc, indent=1, sort_keys=True).encode()
+    name = manifest_name(ts)
+    store.put(name, lambda out: out.write(body), mode=0o600)
+    return name
+
+
+def apply_retention(store: BackupStore, cluster: Cluster, days: int, require_starvault: bool) -> dict:
+    sets, orphans = read_sets(store.list())
+    doomed, why = expired(sets, datetime.now(timezone.utc), days, [m.archive_name for m in cluster.masters],
+                          require_starvault)
+    for name in doomed:
+        store.delete(name)
+    return {"deleted": doomed, "kept": why, "left_alone": orphans}
+
+
+@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
+def backup_master_nodes(
+    inventory: str,
+    store: str,
+    INCLUDE_STARVAULT_UNSEAL_TOKENS: bool | None = None,
+    INCLUDE_PKI_DATA: bool | None = None,
+    INCLUDE_DATA_ENCRYPTION_CONFIG: bool | None = None,
+    INCLUDE_STARVAULT_DB_BACKUP: bool | None = None,
+    RETENTION_PERIOD_DAYS: int | None = None,
+    s3_block: str | None = None,
+    starvault_block: str | None = None,
+) -> dict:
+    """Back up every master to `store` (a directory such as an NFS mount, or s3://bucket/prefix).
+
+    Each INCLUDE_* / RETENTION_PERIOD_DAYS: this parameter, else the environment variable of the
+    same name, else the documented default (true; 7 days). s3_block: a Nova Backup S3
+    Credentials block (default: boto3's environment). starvault_block: a Nova StarVault
+    Credentials block, needed when INCLUDE_STARVAULT_DB_BACKUP is on."""
+    log = get_run_logger()
+    settings = resolve_settings(dict(INCLUDE_STARVAULT_UNSEAL_TOKENS=INCLUDE_STARVAULT_UNSEAL_TOKENS,
+                                     INCLUDE_PKI_DATA=INCLUDE_PKI_DATA,
+                                     INCLUDE_DATA_ENCRYPTION_CONFIG=INCLUDE_DATA_ENCRYPTION_CONFIG,
+                                     INCLUDE_STARVAULT_DB_BACKUP=INCLUDE_STARVAULT_DB_BACKUP,
+                                     RETENTION_PERIOD_DAYS=RETENTION_PERIOD_DAYS))
+    cluster = resolve_inventory(inventory)
+    if settings["INCLUDE_STARVAULT_DB_BACKUP"] and not starvault_block:
+        raise NovaDRError("INCLUDE_STARVAULT_DB_BACKUP is on but no starvault_block is given: save a Nova StarVault "
+                          "Credentials block and pass its name, or turn the switch off")
+    st = open_store(store, s3_block)
+    st.list()  # the store answers before any master is touched
+    run = Run(FLOW_NAME, cluster)
+    try:
+        facts = mc.preflight(run)
+        if facts.unreachable:
+            raise PreflightError("cannot back up: " + "; ".join(f.error for f in facts.masters if not f.reachable)
+                                 + ". No manifest was written")
+        member = choose_snapshot_member(facts)
+        ts = timestamp(datetime.now(timezone.utc))
+        print(f"backup {ts}: etcd snapshot from {member}, {len(cluster.masters)} node archives -> {st.url}")
+        futures = [save_etcd_snapshot.submit(run, member, st, ts)]
+        futures += [archive_master_files.submit(run, m.etcd_member, st, ts, settings) for m in cluster.masters]
+        if settings["INCLUDE_STARVAULT_DB_BACKUP"]:
+            futures.append(save_starvault_snapshot.submit(cluster, starvault_block, st, ts))
+        results, errors = [], []
+        for f in futures:  # read every result: a failed task must fail the run
+            try:
+                results.append(f.result())
+            except Exception as err:
+                errors.append(str(err))
+        if errors:
+            raise NovaDRError(f"backup {ts} failed, no manifest written: " + " | ".join(errors))
+        manifest = write_manifest(st, cluster, ts, results, settings)
+        retention = apply_retention(st, cluster, settings["RETENTION_PERIOD_DAYS"],
+                                    settings["INCLUDE_STARVAULT_DB_BACKUP"])
+    finally:
+        run.close()
+    log.info("retention: deleted %d files; %s", len(retention["deleted"]), retention["kept"])
+    rows = [[r["name"], r["size"], r["sha256"][:16]] for r in results]
+    mc.publish("backup-report", f"# Backup {ts} to `{st.url}`\n\n" + mc.render_table(["file", "bytes", "sha256"], rows)
+               + f"\n\nmanifest `{manifest}`; retention: deleted {len(retention['deleted'])}, {retention['kept']}",
+               "backup-master-nodes: what was written")
+    return {"timestamp": ts, "store": st.url, "files": results, "manifest": manifest, "retention": retention,
+            "settings": settings}

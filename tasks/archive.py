@@ -1,0 +1,115 @@
+"""Backup archives made from a master and streamed into a store.
+
+Tar streams come from the master (GNU tar); gzip happens on the machine running the flow with
+python-isal (several times faster than gzip, still plain gzip for `tar -zxf`), straight into
+the store: no full copy on either side.
+"""
+
+from __future__ import annotations
+
+import json
+
+from isal import igzip
+
+from core.etcd import parse_snapshot_status
+from core.inventory import Master
+from core.pki import PKIEntry, parse_pki_listing, select_pki_files
+from tasks.etcd import etcdctl, read_etcd_env, restore_binary
+from tasks.remote import Connector
+from tasks.storage import BackupStore
+
+PKI_LIST = r"""
+d=$1
+[ -d "$d" ] || exit 0
+find "$d" -type f | sort | while IFS= read -r f; do
+  haskey=0; grep -q 'PRIVATE KEY' "$f" 2>/dev/null && haskey=1
+  if openssl x509 -in "$f" -noout 2>/dev/null; then
+    ca=0; openssl x509 -in "$f" -noout -ext basicConstraints 2>/dev/null | grep -q 'CA:TRUE' && ca=1
+    pk=$(openssl x509 -in "$f" -noout -pubkey 2>/dev/null | openssl sha256 -r | cut -d' ' -f1)
+    end=$(openssl x509 -in "$f" -noout -enddate 2>/dev/null | cut -d= -f2)
+    printf 'cert\t%s\t%s\t%s\t%s\t%s\n' "$f" "$ca" "$pk" "$end" "$haskey"
+  elif [ $haskey = 1 ] && pub=$(openssl pkey -in "$f" -pubout -passin pass: 2>/dev/null) && [ -n "$pub" ]; then
+    printf 'key\t%s\t%s\n' "$f" "$(printf '%s\n' "$pub" | openssl sha256 -r | cut -d' ' -f1)"
+  else
+    printf 'file\t%s\t%s\n' "$f" "$haskey"
+  fi
+done
+"""
+
+
+def list_pki(conn: Connector, master: Master) -> list[PKIEntry]:
+    return parse_pki_listing(conn.run(["sh", "-c", PKI_LIST, "sh", master.paths.pki_dir], timeout=300).stdout)
+
+
+def existing(conn: Connector, paths: list[str]) -> list[str]:
+    if not paths:
+        return []
+    res = conn.run(["sh", "-c", 'for f in "$@"; do [ -e "$f" ] && echo "$f"; done; exit 0', "sh", *paths])
+    return res.stdout.splitlines()
+
+
+def node_archive_members(conn: Connector, master: Master, settings: dict) -> tuple[list[str], list[str], list[PKIEntry]]:
+    """What this master's archive holds, by the switches: (files, left out with why, certificates)."""
+    files, left, certs = [], [], []
+    if settings["INCLUDE_PKI_DATA"]:
+        entries = list_pki(conn, master)
+        keep, left = select_pki_files(entries)
+        files += keep
+        certs = [e for e in entries if e.kind == "cert"]
+    extra = []
+    if settings["INCLUDE_DATA_ENCRYPTION_CONFIG"]:
+        extra.append(master.paths.encryption_config)
+    if settings["INCLUDE_STARVAULT_UNSEAL_TOKENS"]:
+        extra.append(master.paths.unseal_tokens)
+    files += existing(conn, extra)
+    return files, left, certs
+
+
+class _Gzip:
+    """gzip (isal) onto a store's writer; closing finishes the gzip stream, not the writer."""
+
+    def __init__(self, out):
+        self.gz = igzip.GzipFile(fileobj=out, mode="wb", compresslevel=1)
+
+    def write(self, data) -> int:
+        return self.gz.write(data)
+
+    def close(self) -> None:
+        self.gz.close()
+
+
+def stream_tar_gz(conn: Connector, argv: list[str], out) -> None:
+    gz = _Gzip(out)
+    conn.stream(argv, gz)
+    gz.close()
+
+
+def store_node_archive(conn: Connector, master: Master, files: list[str], store: BackupStore, name: str) -> tuple[int, str]:
+    """`tar` of the files (paths relative to /, as the daemon's archives hold them), mode 0600."""
+    rel = [f.lstrip("/") for f in files]
+    argv = ["tar", "-cf", "-", "-C", "/", "--", *rel] if rel else ["tar", "-cf", "-", "-T", "/dev/null"]
+    return store.put(name, lambda out: stream_tar_gz(conn, argv, out), mode=0o600)
+
+
+def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str) -> dict:
+    """`etcdctl snapshot save` against this member alone, then `snapshot status` of the file."""
+    env = read_etcd_env(conn, master)
+    conn.run(["mkdir", "-p", tmp_path.rsplit("/", 1)[0]])
+    etcdctl(conn, master, env, "snapshot", "save", tmp_path, "--command-timeout=10m", own=True, timeout=1800)
+    binary = restore_binary(conn, master)
+    st = parse_snapshot_status(conn.run(["env", "ETCDCTL_API=3", binary, "snapshot", "status", tmp_path, "-w", "json"]).stdout)
+    return json.loads(st.model_dump_json())
+
+
+def store_snapshot_archive(conn: Connector, tmp_path: str, member_name: str, store: BackupStore,
+                           name: str, mode: int = 0o600) -> tuple[int, str]:
+    """The saved db as a gzip tar whose one member is `opt/backup/<name>.db`, so the seed's
+    restore commands (untar in /tmp, restore /tmp/opt/backup/<name>.db) work unchanged."""
+    folder, base = tmp_path.rsplit("/", 1)
+    pattern = base.replace(".", "\\.")
+    argv = ["tar", "-cf", "-", "-C", folder, f"--transform=s|^{pattern}$|opt/backup/{member_name}|", "--", base]
+    return store.put(name, lambda out: stream_tar_gz(conn, argv, out), mode=mode)
+
+
+def remove_temp_snapshot(conn: Connector, tmp_path: str) -> None:
+    conn.run(["rm", "-f", "--", tmp_path])
