@@ -54,6 +54,13 @@ class _Hashing:
         self.inner.flush()
 
 
+def _private(dest: str | Path) -> BinaryIO:
+    """A downloaded backup file may hold secrets: it is created 0600, never readable by others."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
+
+
 def _check_name(name: str) -> None:
     if not name or "/" in name or name.startswith("."):
         raise StoreError(f"{name!r} is not a plain file name")
@@ -103,7 +110,7 @@ class DirectoryStore:
         src = self._ready() / name
         if not src.is_file():
             raise StoreError(f"store {self.path}: no file {name}")
-        with open(src, "rb") as f, open(dest, "wb") as out:
+        with open(src, "rb") as f, _private(dest) as out:
             while chunk := f.read(1 << 20):
                 out.write(chunk)
 
@@ -190,7 +197,8 @@ class S3Store:
 
     def get(self, name: str, dest: str | Path) -> None:
         try:
-            self.s3.download_file(self.bucket, self._key(name), str(dest))
+            with _private(dest) as out:
+                self.s3.download_fileobj(self.bucket, self._key(name), out)
         except Exception as err:
             raise self._err(f"downloading {name}", err) from None
 

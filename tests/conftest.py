@@ -36,6 +36,9 @@ def prefect_server():
             raise RuntimeError(f"prefect server did not start; see {ROOT / 'prefect-server.log'}")
         time.sleep(0.5)
     yield f"http://127.0.0.1:{PREFECT_PORT}/api"
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()  # the last run logs reach the server before it stops
     os.killpg(p.pid, signal.SIGTERM)
     try:
         p.wait(15)

@@ -1,0 +1,186 @@
+"""backup-master-nodes on the lab, to a directory and to S3 (the lab's S3 server process).
+
+No StarVault runs here: a small HTTP server in this file speaks its raft snapshot endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from blocks.storage import StarVaultCredentials
+from flows.backup import backup_master_nodes
+from flows.restore import restore_etcd_cluster
+from lab.lab import etcd_bin_dir
+from tests.helpers import keys_on, make_bucket, put_keys
+from tests.test_restore import assert_restored, error_of
+
+RAFT = os.urandom(300_000)
+TOKEN = "s.nova-test-token"
+
+
+class _StarVault(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path != "/v1/sys/storage/raft/snapshot":
+            self.send_error(404)
+        elif self.headers.get("X-Vault-Token") != TOKEN:
+            self.send_error(403, "permission denied")
+        else:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(RAFT)))
+            self.end_headers()
+            self.wfile.write(RAFT)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def starvault():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _StarVault)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    StarVaultCredentials(address=f"http://127.0.0.1:{srv.server_address[1]}", token=TOKEN).save("sv-test", overwrite=True)
+    StarVaultCredentials(address=f"http://127.0.0.1:{srv.server_address[1]}", token="wrong").save("sv-bad", overwrite=True)
+    yield "sv-test"
+    srv.shutdown()
+
+
+@pytest.fixture
+def lab_s3(lab3, monkeypatch):
+    endpoint = lab3.state()["s3"]["endpoint"]
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "nova-test", "AWS_SECRET_ACCESS_KEY": "x",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    make_bucket(endpoint, "nova-backups")
+    return "s3://nova-backups/cluster-a"
+
+
+def _members(path: Path) -> list[str]:
+    with tarfile.open(path) as t:
+        return t.getnames()
+
+
+def _check_set(lab, folder: Path, result: dict) -> None:
+    ts = result["timestamp"]
+    cluster = lab.cluster()
+    expected = {f"etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_{ts}.db.tar.gz", f"starvault_snapshot_nova-v6.0.1_{ts}.db",
+                f"nova-dr-manifest_{ts}.json"} | {f"{m.archive_name}_kubereresources_{ts}.tar.gz" for m in cluster.masters}
+    assert {p.name for p in folder.iterdir()} == expected
+    manifest = json.loads((folder / f"nova-dr-manifest_{ts}.json").read_text())
+    assert set(manifest["files"]) == expected - {f"nova-dr-manifest_{ts}.json"}
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == entry["sha256"]
+        assert (folder / name).stat().st_size == entry["size"]
+    assert manifest["nova_version"] == "6.0.1" and manifest["etcd_snapshot"]["status"]["revision"] > 0
+    assert (folder / f"starvault_snapshot_nova-v6.0.1_{ts}.db").read_bytes() == RAFT
+    # The etcd archive untars to opt/backup/<name>.db, and etcd restores it.
+    etcd_tgz = folder / f"etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_{ts}.db.tar.gz"
+    db = f"opt/backup/etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_{ts}.db"
+    assert _members(etcd_tgz) == [db]
+    subprocess.run(["tar", "-xzf", str(etcd_tgz), "-C", str(folder.parent / "x")], check=True)
+    subprocess.run([str(etcd_bin_dir() / "etcdutl"), "snapshot", "restore", str(folder.parent / "x" / db),
+                    "--data-dir", str(folder.parent / "x/restored")], check=True, capture_output=True)
+    assert (folder.parent / "x/restored/member/snap/db").exists()
+    # Each node archive: that master's certificates and keys, the config, the tokens; no CA key.
+    for m in cluster.masters:
+        names = _members(folder / f"{m.archive_name}_kubereresources_{ts}.tar.gz")
+        assert {"etc/kubernetes/pki/apiserver.crt", "etc/kubernetes/pki/apiserver.key", "etc/kubernetes/pki/ca.crt",
+                "etc/kubernetes/encryption-config.yaml", "etc/starvault/unseal-tokens"} <= set(names)
+        assert not {"etc/kubernetes/pki/ca.key", "etc/kubernetes/pki/custom-root.key",
+                    "etc/kubernetes/pki/front-proxy-ca.key", "etc/kubernetes/pki/etcd/ca.key"} & set(names)
+        with tarfile.open(folder / f"{m.archive_name}_kubereresources_{ts}.tar.gz") as t:
+            cert = t.extractfile("etc/kubernetes/pki/apiserver.crt").read()
+        assert m.node.encode() in subprocess.run(["openssl", "x509", "-noout", "-text"], input=cert,
+                                                 capture_output=True, check=True).stdout  # this master's own
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert all(mode == 0o600 for name, mode in modes.items() if not name.endswith(".json"))
+
+
+def _leader(lab) -> str:
+    from core.etcd import parse_endpoint_status
+
+    st = parse_endpoint_status(lab.etcdctl("endpoint", "status", "-w", "json").stdout)
+    leader = next(s for s in st if s.is_leader)
+    return next(m.member for m in lab.masters() if leader.endpoint == f"https://{m.address}:2379")
+
+
+def test_backup_to_a_directory(lab3, starvault, tmp_path):
+    put_keys(lab3, "/registry/a/", 30)
+    store = tmp_path / "nfs"
+    store.mkdir()
+    (tmp_path / "x").mkdir()
+    leader = _leader(lab3)
+    state = backup_master_nodes(inventory=str(lab3.dir / "inventory.yaml"), store=str(store), starvault_block=starvault,
+                                return_state=True)
+    assert state.is_completed(), error_of(state)
+    result = state.result()
+    _check_set(lab3, store, result)
+    snap = next(f for f in result["files"] if f["kind"] == "etcd")
+    assert snap["member"] != leader  # taken once, from a follower
+
+
+def test_each_switch_removes_exactly_its_part(lab3, tmp_path, monkeypatch):
+    inv = str(lab3.dir / "inventory.yaml")
+    monkeypatch.setenv("INCLUDE_STARVAULT_DB_BACKUP", "false")  # the environment counts too
+    seen = {}
+    for switch in ("INCLUDE_PKI_DATA", "INCLUDE_DATA_ENCRYPTION_CONFIG", "INCLUDE_STARVAULT_UNSEAL_TOKENS"):
+        store = tmp_path / switch
+        store.mkdir()
+        result = backup_master_nodes(inventory=inv, store=str(store), **{switch: False})
+        assert not any(n.startswith("starvault_") for n in os.listdir(store))
+        node = next(store.glob("nova-master-1-*_kubereresources_*.tar.gz"))
+        seen[switch] = set(_members(node))
+        assert result["settings"][switch] is False and result["settings"]["INCLUDE_STARVAULT_DB_BACKUP"] is False
+    pki = {n for n in seen["INCLUDE_DATA_ENCRYPTION_CONFIG"] if n.startswith("etc/kubernetes/pki/")}
+    assert pki and seen["INCLUDE_PKI_DATA"] == {"etc/kubernetes/encryption-config.yaml", "etc/starvault/unseal-tokens"}
+    assert seen["INCLUDE_DATA_ENCRYPTION_CONFIG"] == pki | {"etc/starvault/unseal-tokens"}
+    assert seen["INCLUDE_STARVAULT_UNSEAL_TOKENS"] == pki | {"etc/kubernetes/encryption-config.yaml"}
+
+
+def test_s3_round_trip_restores_the_cluster(lab3, lab_s3, starvault, tmp_path):
+    inv = str(lab3.dir / "inventory.yaml")
+    put_keys(lab3, "/registry/pods/p", 200)
+    expected = keys_on(lab3, "etcd1")
+    state = backup_master_nodes(inventory=inv, store=lab_s3, starvault_block=starvault, return_state=True)
+    assert state.is_completed(), error_of(state)
+    ts = state.result()["timestamp"]
+    from tasks.backups import fetch_set, find_set
+    from tasks.storage import open_store
+
+    st = open_store(lab_s3)
+    got = tmp_path / "got"
+    (tmp_path / "x").mkdir()
+    names = [m.archive_name for m in lab3.cluster().masters]
+    report = fetch_set(st, find_set(st, "latest", names, True), got)
+    assert report["set"] == ts and report["verified"] and not report["problems"]
+    _check_set(lab3, got, state.result())
+    put_keys(lab3, "/later/k", 20)
+    lab3.break_member("etcd1", "corrupt")
+    lab3.break_member("etcd3", "wipe")
+    state = restore_etcd_cluster(inventory=inv, store=lab_s3, backup="latest", auto_approve=True, return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert_restored(lab3, expected)
+
+
+def test_faults_write_no_manifest(lab3, lab_s3, starvault, tmp_path):
+    inv = str(lab3.dir / "inventory.yaml")
+    store = tmp_path / "nfs"
+    store.mkdir()
+    state = backup_master_nodes(inventory=inv, store=str(store), starvault_block="sv-bad", return_state=True)
+    assert "raft snapshot refused (HTTP 403" in error_of(state) and TOKEN not in error_of(state)
+    assert not list(store.glob("nova-dr-manifest_*"))
+    state = backup_master_nodes(inventory=inv, store=str(store), return_state=True)
+    assert "no starvault_block is given" in error_of(state)
+    os.kill(lab3.master("etcd2").sshd_pid, signal.SIGKILL)
+    state = backup_master_nodes(inventory=inv, store=lab_s3, starvault_block=starvault, return_state=True)
+    assert "nova-master-2.lab.local" in error_of(state) and "No manifest was written" in error_of(state)
