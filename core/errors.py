@@ -23,7 +23,10 @@ class CommandError(NovaDRError):
     def __init__(self, node: str, argv: list[str], code: int, stdout: str, stderr: str):
         self.node, self.argv, self.code = node, argv, code
         self.stdout, self.stderr = stdout, stderr
-        tail = (stderr or stdout).strip().splitlines()[-5:]
+        lines = (stderr or stdout).strip().splitlines()
+        # A Go program's panic or error line explains more than the stack trace after it.
+        key = [x for x in lines if x.startswith(("Error:", "panic:", "fatal error:"))]
+        tail = (key or lines)[-5:]
         super().__init__(
             f"on {node}: `{' '.join(argv[:4])}{' ...' if len(argv) > 4 else ''}` exited {code}: "
             + (" | ".join(tail) or "(no output)")

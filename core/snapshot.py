@@ -7,6 +7,9 @@ import json
 import posixpath
 import tarfile
 from zlib import error as zlib_error
+
+from isal import igzip
+from isal.igzip_lib import IsalError
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -14,6 +17,8 @@ from core.errors import SnapshotError, UnsafeArchive
 from core.names import parse_name
 
 HASH_LEN = 32  # `snapshot save` appends sha256(db) to the bolt file
+# What reading a damaged archive raises: tar's, gzip's (zlib's or isal's) and the OS's errors.
+READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib_error, IsalError)
 
 
 def sha256_file(path: str | Path, limit: int | None = None) -> str:
@@ -77,7 +82,7 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
             # The 'data' filter is a second guard (and drops setuid bits and ownership).
             tar.extractall(dest, members=members, filter="data")
             out = [dest / m.name for m in members if m.isfile()]
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except READ_ERRORS as err:
         raise SnapshotError(f"{archive}: not a readable tar archive ({err}); fetch it again") from None
     return out
 
@@ -156,6 +161,11 @@ def scan_archive(path: str | Path) -> list[str]:
     path, without extracting anything. Returns the member names."""
     names = []
     try:
+        # The whole gzip stream first: tarfile stops at the end-of-archive blocks and never
+        # reaches gzip's CRC, so a flipped bit in the data would pass unseen.
+        with igzip.open(path, "rb") as gz:
+            while gz.read(1 << 20):
+                pass
         with tarfile.open(path, "r:gz") as tar:
             for m in tar:
                 check_member_path(m.name)
@@ -165,6 +175,6 @@ def scan_archive(path: str | Path) -> list[str]:
                     while f.read(1 << 20):
                         pass
                 names.append(m.name)
-    except (tarfile.TarError, EOFError, OSError, zlib_error) as err:
+    except READ_ERRORS as err:
         raise SnapshotError(f"{Path(path).name}: unreadable ({err})") from None
     return names

@@ -5,12 +5,14 @@ from __future__ import annotations
 from flows.backup import backup_master_nodes
 from flows.member import plan_replace, plan_restart, replace_etcd_member, restart_etcd_member
 from flows.restore import plan_restore, restore_etcd_cluster
+from flows.verify import verify_backups
 
 FLOWS = {
     "backup-master-nodes": backup_master_nodes,
     "restore-etcd-cluster": restore_etcd_cluster,
     "replace-etcd-member": replace_etcd_member,
     "restart-etcd-member": restart_etcd_member,
+    "verify-backups": verify_backups,
 }
 
 PLANNERS = {

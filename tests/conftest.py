@@ -38,7 +38,7 @@ def prefect_server():
     yield f"http://127.0.0.1:{PREFECT_PORT}/api"
     from prefect.logging.handlers import APILogHandler
 
-    APILogHandler.flush()  # the last run logs reach the server before it stops
+    APILogHandler().flush()  # the last run logs reach the server before it stops
     os.killpg(p.pid, signal.SIGTERM)
     try:
         p.wait(15)

@@ -1,0 +1,195 @@
+"""verify-backups (SPEC P9): prove, every day, that the newest backup set would bring the
+cluster back. Every check is a line of the report (pass, warn or fail, with the evidence); a
+failed check fails the run with one line naming the set and the check."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from blocks.inventory import resolve_inventory
+from core.errors import NovaDRError
+from core.inventory import Cluster
+from core.pki import parse_pki_listing, select_pki_files
+from core.sets import BackupSet, choose_set, read_sets
+from core.settings import resolve_settings
+from core.snapshot import prepare_snapshot, safe_extract, scan_archive, sha256_file
+from core.verify import Check, compare_counts, count_tokens, expiring, registry_counts, summary_line
+from flows import machinery as mc
+from tasks.archive import PKI_LIST
+from tasks.drill import find_etcd_bins, registry_keys, scratch_etcd
+from tasks.remote import LocalConnector
+from tasks.storage import BackupStore, open_store
+
+FLOW_NAME = "verify-backups"
+
+
+def check_freshness(sets: list[BackupSet], names: list[str], starvault: bool, max_age_hours: float,
+                    now: datetime) -> Check:
+    newest = next((s for s in sets if s.complete(names, starvault)), None)
+    if newest is None:
+        return Check("freshness", "fail", "no complete set in the store")
+    age = (now - newest.time).total_seconds() / 3600
+    ok = age <= max_age_hours
+    return Check("freshness", "pass" if ok else "fail",
+                 f"newest complete set {newest.ts} is {age:.1f}h old (limit {max_age_hours:g}h)")
+
+
+def check_integrity(s: BackupSet, folder: Path, manifest: dict | None) -> Check:
+    """sha256s against the manifest; every gzip tar read to its end, no member escaping."""
+    problems = []
+    for name in s.files:
+        if name == s.manifest:
+            continue
+        if manifest is not None:
+            entry = manifest.get("files", {}).get(name)
+            if entry is None:
+                problems.append(f"{name} is not in the manifest")
+            elif sha256_file(folder / name) != entry["sha256"]:
+                problems.append(f"{name}: sha256 differs from the manifest")
+        if name.endswith(".tar.gz"):
+            try:
+                scan_archive(folder / name)
+            except NovaDRError as err:
+                problems.append(str(err))
+    if problems:
+        return Check("integrity", "fail", "; ".join(problems))
+    if manifest is None:
+        return Check("integrity", "warn", "no manifest (a set made by the platform's daemon): every archive reads "
+                                          "to its end, but the files are unverified")
+    return Check("integrity", "pass", f"{len(s.files) - 1} sha256s match the manifest; every archive reads")
+
+
+def check_contents(cluster: Cluster, s: BackupSet, folder: Path, now: datetime) -> list[Check]:
+    tokens, ca_keys, soon, unreadable = {}, [], [], []
+    local = LocalConnector("verify")
+    for archive_name, name in s.nodes.items():
+        dest = folder / f"x-{archive_name}"
+        try:
+            safe_extract(folder / name, dest)
+        except NovaDRError as err:
+            unreadable.append(f"cannot inspect {name}: {err}")
+            continue
+        master = next((m for m in cluster.masters if m.archive_name == archive_name), None)
+        tok = dest / (master.paths.unseal_tokens if master else "/etc/starvault/unseal-tokens").lstrip("/")
+        if tok.is_file():
+            tokens[archive_name] = tok.read_text(errors="replace")
+        entries = parse_pki_listing(local.run(["sh", "-c", PKI_LIST, "sh", str(dest)], timeout=300).stdout)
+        _, left = select_pki_files(entries)
+        ca_keys += [f"{name}: {x.split(str(dest), 1)[-1]}" for x in left if "CA" in x]
+        soon += [f"{archive_name}: {x.split(str(dest), 1)[-1]}" for x in
+                 expiring([e for e in entries if e.kind == "cert"], now)]
+    n = count_tokens(tokens)
+    out = [Check("unseal tokens", "pass" if n >= cluster.unseal_threshold else "fail",
+                 f"{n} distinct tokens across {len(tokens)} archives, {cluster.unseal_threshold} needed")]
+    out.append(Check("no CA private key", "fail" if ca_keys or unreadable else "pass",
+                     "; ".join(ca_keys + unreadable) or "no archive holds a CA private key"))
+    out.append(Check("certificate expiry", "warn" if soon else "pass",
+                     "; ".join(soon) or "no certificate expires within 30 days"))
+    return out
+
+
+def previous_counts(key: str) -> dict[str, int] | None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                      sort=ArtifactSort.CREATED_DESC, limit=1)
+    if not found or not isinstance(found[0].data, list):
+        return None
+    return {row["resource"]: int(row["keys"]) for row in found[0].data if row.get("resource") != "(total)"}
+
+
+def restore_drill(cluster: Cluster, db: str, expected_revision: int | None,
+                  etcd_bin_dir: str | None) -> tuple[Check, Check]:
+    """expected_revision: the manifest's record of the snapshot; None for a daemon's set."""
+    bins = find_etcd_bins(etcd_bin_dir)
+    try:
+        with scratch_etcd(db, bins, bump_revision=0) as drill:
+            rev = drill["status"].revision
+            counts = registry_counts(registry_keys(drill))
+    except NovaDRError as err:
+        return Check("restore drill", "fail", str(err)[:600]), Check("drill key counts", "fail", "no drill")
+    key = f"verify-backups-drill-{mc._slug(cluster.name)}"
+    warning = compare_counts(previous_counts(key), counts)
+    rows = [{"resource": r, "keys": n} for r, n in counts.items()] + [{"resource": "(total)", "keys": sum(counts.values())}]
+    create_table_artifact(table=rows, key=key, description="live keys under /registry/ per resource type, per drill")
+    ok = expected_revision is None or rev == expected_revision
+    drill_check = Check("restore drill", "pass" if ok else "fail",
+                        f"restored into a scratch etcd, started, serves revision {rev}"
+                        + ("" if ok else f" (the snapshot's is {expected_revision})"))
+    return drill_check, Check("drill key counts", "warn" if warning else "pass",
+                              warning or f"{sum(counts.values())} keys under /registry/ in {len(counts)} resource types")
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def verify_backups(
+    inventory: str,
+    store: str,
+    backup: str = "latest",
+    max_age_hours: float = 26,
+    s3_block: str | None = None,
+    etcd_bin_dir: str | None = None,
+    INCLUDE_STARVAULT_DB_BACKUP: bool | None = None,
+) -> dict:
+    """Check the newest (or the named) backup set: fresh, complete, intact, the cluster's
+    version, enough unseal tokens, no CA key, certificates not about to expire, and an etcd
+    snapshot that really restores (a drill into a scratch etcd on this machine).
+    INCLUDE_STARVAULT_DB_BACKUP: whether a set must hold a StarVault snapshot when it has no
+    manifest saying so (parameter, then environment, then true, as for the backup)."""
+    log = get_run_logger()
+    cluster = resolve_inventory(inventory)
+    st: BackupStore = open_store(store, s3_block)
+    names = [m.archive_name for m in cluster.masters]
+    now = datetime.now(timezone.utc)
+    sets, _ = read_sets(st.list())
+    if not sets:
+        raise NovaDRError(f"store {st.url}: no backup set at all")
+    chosen = choose_set(sets, backup, names, False) if backup != "latest" else (
+        next((s for s in sets if s.complete(names, False)), sets[0]))
+    checks: list[Check] = []
+    with tempfile.TemporaryDirectory(prefix="nova-dr-verify-") as tmp:
+        folder = Path(tmp)
+        for name in chosen.files:
+            st.get(name, folder / name)
+        manifest = None
+        if chosen.manifest:
+            import json
+
+            manifest = json.loads((folder / chosen.manifest).read_text())
+        default = resolve_settings({"INCLUDE_STARVAULT_DB_BACKUP": INCLUDE_STARVAULT_DB_BACKUP})
+        starvault = (manifest or {}).get("settings", {}).get("INCLUDE_STARVAULT_DB_BACKUP",
+                                                               default["INCLUDE_STARVAULT_DB_BACKUP"])
+        checks.append(check_freshness(sets, names, starvault, max_age_hours, now))
+        missing = chosen.missing(names, starvault)
+        checks.append(Check("completeness", "fail" if missing else "pass",
+                            f"missing: {', '.join(missing)}" if missing else
+                            f"etcd snapshot, {len(chosen.nodes)} master archives"
+                            + (", StarVault snapshot" if starvault else " (StarVault switched off)")))
+        checks.append(check_integrity(chosen, folder, manifest))
+        same = chosen.nova_version == cluster.nova_version
+        checks.append(Check("compatibility", "pass" if same else "fail",
+                            f"set made by Nova {chosen.nova_version}, cluster runs {cluster.nova_version}"))
+        checks += check_contents(cluster, chosen, folder, now)
+        try:
+            snap = prepare_snapshot(folder / chosen.etcd, folder / "etcd", chosen.nova_version)
+            expected = (manifest or {}).get("etcd_snapshot", {}).get("status", {}).get("revision")
+            checks += list(restore_drill(cluster, snap.db_path, expected, etcd_bin_dir))
+        except NovaDRError as err:
+            checks.append(Check("restore drill", "fail", str(err)[:600]))
+    report = "\n".join([f"# verify-backups: set `{chosen.ts}` in `{st.url}`", "",
+                        mc.render_table(["check", "result", "evidence"],
+                                        [[c.name, c.status.upper(), c.evidence.replace("|", "/")] for c in checks])])
+    mc.publish("verify-backups-report", report, "verify-backups: every check with its evidence")
+    line = summary_line(chosen.ts, checks)
+    for c in checks:
+        log.info("%-20s %-5s %s", c.name, c.status.upper(), c.evidence)
+    if any(c.status == "fail" for c in checks):
+        raise NovaDRError(line)
+    return {"set": chosen.ts, "checks": [c.__dict__ for c in checks], "summary": line}
