@@ -113,12 +113,21 @@ def backup_master_nodes(
     s3_block: str | None = None,
     starvault_block: str | None = None,
 ) -> dict:
-    """Back up every master to `store` (a directory such as an NFS mount, or s3://bucket/prefix).
+    """Back up every master: the etcd snapshot, one archive per master, the StarVault snapshot,
+    a manifest; then retention. Each INCLUDE_* / RETENTION_PERIOD_DAYS left empty comes from the
+    environment variable of the same name, else the documented default.
 
-    Each INCLUDE_* / RETENTION_PERIOD_DAYS: this parameter, else the environment variable of the
-    same name, else the documented default (true; 7 days). s3_block: a Nova Backup S3
-    Credentials block (default: boto3's environment). starvault_block: a Nova StarVault
-    Credentials block, needed when INCLUDE_STARVAULT_DB_BACKUP is on."""
+    Args:
+        inventory: the cluster inventory: a YAML path, or block:NAME for a saved inventory block
+        store: where backups go: a directory (an NFS mount) or s3://bucket/prefix
+        INCLUDE_STARVAULT_UNSEAL_TOKENS: add the StarVault unseal tokens held on each master (default true)
+        INCLUDE_PKI_DATA: add every issued TLS certificate with its key, never a CA key (default true)
+        INCLUDE_DATA_ENCRYPTION_CONFIG: add the etcd encryption-at-rest config (default true)
+        INCLUDE_STARVAULT_DB_BACKUP: add a StarVault raft snapshot (default true; needs starvault_block)
+        RETENTION_PERIOD_DAYS: days to keep sets in the store (default 7); the newest complete set always stays
+        s3_block: a Nova Backup S3 Credentials block for an s3:// store (default: the environment)
+        starvault_block: a Nova StarVault Credentials block (address and token)
+    """
     log = get_run_logger()
     settings = resolve_settings(dict(INCLUDE_STARVAULT_UNSEAL_TOKENS=INCLUDE_STARVAULT_UNSEAL_TOKENS,
                                      INCLUDE_PKI_DATA=INCLUDE_PKI_DATA,

@@ -104,7 +104,18 @@ def restart_etcd_member(
     catch_up_timeout_seconds: float = 90,
 ) -> dict:
     """Restart a failed or hanging etcd member and wait until it has caught up. Never escalates:
-    if it does not come back, the run fails with its log and names replace-etcd-member."""
+    if it does not come back, the run fails with its log and names replace-etcd-member.
+
+    Args:
+        inventory: the cluster inventory: a YAML path, or block:NAME for a saved inventory block
+        member: the etcd member name, e.g. etcd2
+        auto_approve: skip the approval gate (drills and tests); production leaves it off
+        force: restart it even when it answers healthy
+        recovery_id: resume that recovery (printed first by every run)
+        approval_timeout_minutes: how long the gate waits before the run ends with nothing changed
+        wait_for_cluster_seconds: how long to wait while another recovery holds this cluster
+        catch_up_timeout_seconds: how long the member may take to be healthy and caught up
+    """
     return _run(RESTART, inventory, member, lambda run: restart_plan(run, member, force), member, recovery_id,
                 auto_approve, approval_timeout_minutes, wait_for_cluster_seconds, catch_up_timeout_seconds)
 
@@ -122,7 +133,17 @@ def replace_etcd_member(
 ) -> dict:
     """Replace one etcd member whose data is lost (quorum still held): member remove, member add,
     an empty data dir (the old one quarantined), ETCD_INITIAL_CLUSTER_STATE=existing, start.
-    member: omitted, the single unhealthy member is chosen."""
+
+    Args:
+        inventory: the cluster inventory: a YAML path, or block:NAME for a saved inventory block
+        member: the etcd member to replace; empty picks the single unhealthy one
+        auto_approve: skip the approval gate (drills and tests); production leaves it off
+        force: replace it even when it answers healthy
+        recovery_id: resume that recovery (printed first by every run)
+        approval_timeout_minutes: how long the gate waits before the run ends with nothing changed
+        wait_for_cluster_seconds: how long to wait while another recovery holds this cluster
+        catch_up_timeout_seconds: how long the new member may take to be healthy and caught up
+    """
     return _run(REPLACE, inventory, member, lambda run: replace_plan(run, member, force), member or "auto",
                 recovery_id, auto_approve, approval_timeout_minutes, wait_for_cluster_seconds,
                 catch_up_timeout_seconds)

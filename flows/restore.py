@@ -232,14 +232,22 @@ def restore_etcd_cluster(
     backup: str | None = None,
     s3_block: str | None = None,
 ) -> dict:
-    """Restore the whole etcd cluster from a snapshot (quorum lost; API down).
+    """Restore the whole etcd cluster from a snapshot (quorum lost, API down): the last resort.
 
-    inventory: a YAML path or block:NAME. snapshot: a path on this machine to an
-    etcd_snapshot_*.db.tar.gz or a .db. recovery_id: resume that recovery. bump_revision:
-    revisions to add, with --mark-compacted, where the etcd binary supports it (0: never).
-    store + backup: take the snapshot from a backup store (a directory or s3://bucket/prefix;
-    backup: latest or a set's timestamp) instead of a path; its sha256 is checked against the
-    set's manifest before anything is stopped.
+    Args:
+        inventory: the cluster inventory: a YAML path, or block:NAME for a saved inventory block
+        snapshot: a path on the machine running the flow to an etcd_snapshot_*.db.tar.gz or a .db (or use store + backup)
+        auto_approve: skip the approval gate (drills and tests); production leaves it off
+        recovery_id: resume that recovery (printed first by every run); empty derives one from the snapshot
+        allow_version_mismatch: restore a snapshot made by another Nova x.y.Z (may break platform services)
+        delete_old_data: delete the old data dirs after verification instead of keeping them in quarantine
+        bump_revision: revisions to add with --mark-compacted, where the etcd binary supports it (0 never bumps)
+        approval_timeout_minutes: how long the gate waits before the run ends with nothing changed
+        wait_for_cluster_seconds: how long to wait while another recovery holds this cluster
+        healthy_timeout_seconds: how long the members may take to answer healthy after the start
+        store: take the snapshot from a backup store instead: a directory (NFS mount) or s3://bucket/prefix
+        backup: with store: latest (the newest complete set) or a set's timestamp YYYY-MM-DD_HHMMSS
+        s3_block: a Nova Backup S3 Credentials block for an s3:// store (default: the environment)
     """
     log = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="nova-dr-snap-", dir=mc.state_dir()) as tmp:

