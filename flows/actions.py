@@ -168,6 +168,22 @@ def verify_members(run: Run, step: Step, up: dict) -> dict:
     return {"rows": rows}
 
 
+def read_status_rows(run: Run, masters) -> tuple[list[dict], list[str]]:
+    """Each member's own endpoint status, as rows; the members that did not answer."""
+    rows, silent = [], []
+    for m in masters:
+        conn = run.conn(m.etcd_member)
+        env = read_etcd_env(conn, m)
+        st = etcd.read_endpoint_status(conn, m, env)
+        if st is None:
+            silent.append(f"{m.etcd_member} does not answer endpoint status")
+            continue
+        rows.append({"member": m.etcd_member, "leader": st.is_leader, "raft_term": st.raft_term,
+                     "applied_index": st.raft_applied_index, "revision": st.revision, "_id": st.member_id,
+                     "_env": env})
+    return rows, silent
+
+
 def _verify_once(run: Run, names: list[str], with_hashkv: bool) -> tuple[list[dict], list[str]]:
     problems, rows = [], []
     masters = [run.cluster.master(n) for n in names]
@@ -176,15 +192,9 @@ def _verify_once(run: Run, names: list[str], with_hashkv: bool) -> tuple[list[di
     unstarted = [x.hex_id for x in members if not x.started]
     if unstarted or len(members) != len(run.cluster.masters):
         problems.append(f"member list has {len(members)} members, unstarted: {unstarted or 'none'}")
-    for m in masters:
-        conn = run.conn(m.etcd_member)
-        env = read_etcd_env(conn, m)
-        st = etcd.read_endpoint_status(conn, m, env)
-        if st is None:
-            problems.append(f"{m.etcd_member} does not answer")
-            continue
-        rows.append({"member": m.etcd_member, "leader": st.is_leader, "raft_term": st.raft_term,
-                     "applied_index": st.raft_applied_index, "revision": st.revision, "_id": st.member_id})
+    status_rows, silent = read_status_rows(run, masters)
+    rows += status_rows
+    problems += silent
     if problems:
         return rows, problems
     if sum(r["leader"] for r in rows) != 1:
@@ -203,9 +213,7 @@ def _verify_once(run: Run, names: list[str], with_hashkv: bool) -> tuple[list[di
         for r in rows:
             m = run.cluster.master(r["member"])
             conn = run.conn(m.etcd_member)
-            r["hashkv"] = etcd.read_hashkv(conn, m, read_etcd_env(conn, m), rev).hash
+            r["hashkv"] = etcd.read_hashkv(conn, m, r["_env"], rev).hash
         if len({r["hashkv"] for r in rows}) > 1:
             problems.append(f"hashkv at revision {rev} differs: " + ", ".join(f"{r['member']}={r['hashkv']}" for r in rows))
-    for r in rows:
-        r.pop("_id")
-    return rows, problems
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], problems

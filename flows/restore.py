@@ -22,12 +22,11 @@ from core.restore_plan import FOLLOW_UPS, build_restore_plan
 from core.errors import SnapshotError
 from core.snapshot import SnapshotCheck, prepare_snapshot
 from flows import machinery as mc
-from flows.actions import on, quarantine_name, start_etcd, stop_etcd
+from flows.actions import on, quarantine_name, read_status_rows, start_etcd, stop_etcd
 from flows.machinery import Run
 from flows.slot import cluster_slot
 from tasks import datadir, etcd, service
 from tasks.backups import fetch_set, find_set
-from tasks.etcd import read_etcd_env
 from tasks.storage import open_store
 
 FLOW_NAME = "restore-etcd-cluster"
@@ -122,22 +121,14 @@ def verify(run: Run, step: Step, up: dict) -> dict:
 
 def verify_once(run: Run, expected_revision: int) -> tuple[list[dict], list[str]]:
     cluster = run.cluster
-    rows, problems = [], []
-    for m in cluster.masters:
-        conn = run.conn(m.etcd_member)
-        env = read_etcd_env(conn, m)
-        st = etcd.read_endpoint_status(conn, m, env)
-        if st is None:
-            problems.append(f"{m.etcd_member} does not answer endpoint status")
-            continue
-        rows.append({"member": m.etcd_member, "leader": st.is_leader, "raft_term": st.raft_term,
-                     "applied_index": st.raft_applied_index, "revision": st.revision, "_env": env})
+    rows, problems = read_status_rows(run, cluster.masters)
     if problems:
         return rows, problems
     rev = min(r["revision"] for r in rows)
     for r in rows:
         m = cluster.master(r["member"])
         conn, env = run.conn(m.etcd_member), r.pop("_env")
+        r.pop("_id")
         r["hashkv"] = etcd.read_hashkv(conn, m, env, rev).hash
         r["live_keys"] = etcd.count_live_keys(conn, m, env)
     leaders = [r["member"] for r in rows if r["leader"]]

@@ -17,10 +17,11 @@ from core.inventory import Cluster
 from core.pki import parse_pki_listing, select_pki_files
 from core.sets import BackupSet, choose_set, read_sets
 from core.settings import resolve_settings
-from core.snapshot import prepare_snapshot, safe_extract, scan_archive, sha256_file
+from core.snapshot import prepare_snapshot, safe_extract
 from core.verify import Check, compare_counts, count_tokens, expiring, registry_counts, summary_line
 from flows import machinery as mc
 from tasks.archive import PKI_LIST
+from tasks.backups import check_files
 from tasks.drill import find_etcd_bins, registry_keys, scratch_etcd
 from tasks.remote import LocalConnector
 from tasks.storage import BackupStore, open_store
@@ -41,21 +42,7 @@ def check_freshness(sets: list[BackupSet], names: list[str], starvault: bool, ma
 
 def check_integrity(s: BackupSet, folder: Path, manifest: dict | None) -> Check:
     """sha256s against the manifest; every gzip tar read to its end, no member escaping."""
-    problems = []
-    for name in s.files:
-        if name == s.manifest:
-            continue
-        if manifest is not None:
-            entry = manifest.get("files", {}).get(name)
-            if entry is None:
-                problems.append(f"{name} is not in the manifest")
-            elif sha256_file(folder / name) != entry["sha256"]:
-                problems.append(f"{name}: sha256 differs from the manifest")
-        if name.endswith(".tar.gz"):
-            try:
-                scan_archive(folder / name)
-            except NovaDRError as err:
-                problems.append(str(err))
+    problems = check_files([f for f in s.files if f != s.manifest], folder, manifest)
     if problems:
         return Check("integrity", "fail", "; ".join(problems))
     if manifest is None:
