@@ -67,9 +67,17 @@ def run(flow: str, inventory: str = typer.Option(None, "--inventory", help="inve
     if auto_approve:
         params["auto_approve"] = True
     from flows import machinery
+    from flows.registry import PLANNERS
 
-    if not auto_approve and sys.stdin.isatty():
-        machinery.GATE_LISTENERS.append(_terminal_gate)
+    if flow in PLANNERS and not auto_approve and not params.get("auto_approve"):
+        if sys.stdin.isatty():
+            machinery.GATE_LISTENERS.append(_terminal_gate)
+        elif not machinery.api_is_shared():
+            # Said before anything starts: the embedded server would take 20 s only to refuse.
+            typer.secho(f"error: {flow} needs an approval and nobody can give it: no terminal and no shared Prefect "
+                        "server (PREFECT_API_URL). Run it in a terminal, set PREFECT_API_URL, or pass --auto-approve. "
+                        "Nothing was changed", fg="red", err=True)
+            raise typer.Exit(1)
     state = f(**params, return_state=True)
     if state.is_completed():
         typer.secho(f"{flow}: Completed", fg="green")

@@ -4,6 +4,7 @@ failed check fails the run with one line naming the set and the check."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,9 +89,14 @@ def previous_counts(key: str) -> dict[str, int] | None:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
                                       sort=ArtifactSort.CREATED_DESC, limit=1)
-    if not found or not isinstance(found[0].data, list):
+    if not found:
         return None
-    return {row["resource"]: int(row["keys"]) for row in found[0].data if row.get("resource") != "(total)"}
+    data = found[0].data
+    if isinstance(data, str):  # table artifacts are stored as JSON text
+        data = json.loads(data)
+    if not isinstance(data, list):
+        return None
+    return {row["resource"]: int(row["keys"]) for row in data if row.get("resource") != "(total)"}
 
 
 def restore_drill(cluster: Cluster, db: str, expected_revision: int | None,
@@ -155,8 +161,6 @@ def verify_backups(
             st.get(name, folder / name)
         manifest = None
         if chosen.manifest:
-            import json
-
             manifest = json.loads((folder / chosen.manifest).read_text())
         default = resolve_settings({"INCLUDE_STARVAULT_DB_BACKUP": INCLUDE_STARVAULT_DB_BACKUP})
         starvault = (manifest or {}).get("settings", {}).get("INCLUDE_STARVAULT_DB_BACKUP",

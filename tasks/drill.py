@@ -50,7 +50,7 @@ def _port() -> int:
 @contextmanager
 def scratch_etcd(snapshot_db: str, bins: Path, bump_revision: int = 0) -> Iterator[dict]:
     """Yields {"endpoint", "bumped", "env"}; the process and the directory are gone afterwards."""
-    tmp = Path(tempfile.mkdtemp(prefix="nova-dr-drill-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"nova-dr-drill-{os.getpid()}-"))
     peer, client = _port(), _port()
     # The drill is one master of a one-master cluster: the same restore code as a recovery.
     cluster = parse_inventory({

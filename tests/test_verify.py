@@ -45,13 +45,13 @@ def case(base, tmp_path):
 
 
 def run(lab, store: Path, inventory: str | None = None, **kw):
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "nova-dr-drill-*")))
+    mine = os.path.join(tempfile.gettempdir(), f"nova-dr-drill-{os.getpid()}-")  # this process's drills
     kw.setdefault("INCLUDE_STARVAULT_DB_BACKUP", False)  # for sets without a manifest
     state = verify_backups(inventory=inventory or str(lab.dir / "inventory.yaml"), store=str(store),
                            return_state=True, **kw)
     # The drill leaves no process and no directory behind, whatever happened.
-    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "nova-dr-drill-*"))) == before
-    assert subprocess.run(["pgrep", "-f", "nova-dr-drill-"], capture_output=True).stdout == b""
+    assert glob.glob(mine + "*") == []
+    assert subprocess.run(["pgrep", "-f", mine], capture_output=True).stdout == b""
     return state
 
 
@@ -187,3 +187,18 @@ def test_a_snapshot_etcd_refuses_to_restore(case, tmp_path):
         t.addfile(info, io.BytesIO(db))
     msg = error_of(run(lab, store))
     assert "restore drill failed" in msg and "integrity failed" not in msg
+
+
+def test_a_drop_of_more_than_half_against_the_previous_drill_warns(case, tmp_path):
+    lab, store, _ = case
+    assert run(lab, store).is_completed()  # this drill's counts become "the previous drill"
+    lab.etcdctl("del", "/registry/pods/", "--prefix")  # the cluster was emptied, and backed up like that
+    emptied = tmp_path / "emptied"
+    emptied.mkdir()
+    backup_master_nodes(inventory=str(lab.dir / "inventory.yaml"), store=str(emptied),
+                        INCLUDE_STARVAULT_DB_BACKUP=False)
+    state = run(lab, emptied)
+    assert state.is_completed(), error_of(state)  # still a "valid" backup...
+    checks = {c["name"]: c for c in state.result()["checks"]}
+    assert checks["drill key counts"]["status"] == "warn"  # ...of an emptied cluster
+    assert "30 keys under /registry/, the previous drill 150" in checks["drill key counts"]["evidence"]
