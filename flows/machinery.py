@@ -1,5 +1,5 @@
 """What every recovery flow shares: connections, preflight, the approval gate, the DAG
-executor with checkpoints, one recovery per cluster at a time, and the recovery id.
+executor with checkpoints, and the recovery id. (One recovery per cluster: flows/slot.py.)
 
 A recovery flow reads: preflight -> plan -> gate -> re-check -> execute -> verify -> report.
 """
@@ -41,7 +41,7 @@ def state_dir() -> Path:
 
 # -- recovery ids ----------------------------------------------------------------------
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
@@ -60,7 +60,7 @@ def derive_recovery_id(flow: str, cluster: str, key: str, given: str | None) -> 
         if _done_marker(given).exists():
             raise NovaDRError(f"recovery {given} already completed; omit recovery_id to start a new recovery")
         return given
-    base = f"{_slug(flow)}-{_slug(cluster)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    base = f"{slug(flow)}-{slug(cluster)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     rid, gen = base, 1
     while _done_marker(rid).exists():
         gen += 1
@@ -294,7 +294,7 @@ def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: d
     before = preflight(run)
     plan = make_plan(before)
     log.info("%s", plan.text())
-    publish(f"{_slug(plan.flow)}-plan", plan.markdown(), f"What {plan.flow} will do")
+    publish(f"{slug(plan.flow)}-plan", plan.markdown(), f"What {plan.flow} will do")
     approval = approval_gate(plan, auto_approve, approval_timeout_minutes)
     if not auto_approve:
         ensure_plan_unchanged(plan, make_plan(preflight(run)))

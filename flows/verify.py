@@ -109,7 +109,7 @@ def restore_drill(cluster: Cluster, db: str, expected_revision: int | None,
             counts = registry_counts(registry_keys(drill))
     except NovaDRError as err:
         return Check("restore drill", "fail", str(err)[:600]), Check("drill key counts", "fail", "no drill")
-    key = f"verify-backups-drill-{mc._slug(cluster.name)}"
+    key = f"verify-backups-drill-{mc.slug(cluster.name)}"
     warning = compare_counts(previous_counts(key), counts)
     rows = [{"resource": r, "keys": n} for r, n in counts.items()] + [{"resource": "(total)", "keys": sum(counts.values())}]
     create_table_artifact(table=rows, key=key, description="live keys under /registry/ per resource type, per drill")

@@ -1,0 +1,108 @@
+"""Full restore: restore-etcd-cluster against its floor, measured in one run on a lab.
+
+The floor is the same work as a plain script would do it, over the same SSH connections and
+in parallel per master: copy the snapshot, stop etcd, move the member dir aside, restore,
+start every member, wait until healthy. Prints medians and the ratio flow/floor.
+
+    .venv/bin/python bench/restore.py [--masters 3] [--mb 10] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("NOVA_DR_HOME", tempfile.mkdtemp(prefix="nova-dr-bench-"))
+
+from lab.lab import Lab, etcd_bin_dir  # noqa: E402
+from tasks.remote import connect  # noqa: E402
+
+
+def fill(lab: Lab, mb: int) -> None:
+    """1 MiB values (under etcd's 1.5 MiB request limit), so filling is quick."""
+    value = Path(tempfile.mkstemp()[1])
+    value.write_bytes(os.urandom(1 << 20))
+    for i in range(mb):
+        with open(value, "rb") as f:
+            subprocess.run([str(etcd_bin_dir() / "etcdctl"), "put", f"/registry/bench/{i:05d}"], stdin=f,
+                           env=lab.etcdctl_env(), check=True, capture_output=True)
+    value.unlink()
+
+
+def floor(lab: Lab, snap: Path) -> float:
+    cluster = lab.cluster()
+    conns = {m.etcd_member: connect(cluster, m) for m in cluster.masters}
+    t0 = time.monotonic()
+
+    def per_master(m):
+        c = conns[m.etcd_member]
+        c.put_file(snap, "/var/lib/etcd/floor.db")
+        c.run(["systemctl", "stop", "etcd"])
+        c.run(["sh", "-c", "mkdir -p /var/lib/etcd/floor-old && rm -rf /var/lib/etcd/floor-old/member && "
+                           "mv /var/lib/etcd/member /var/lib/etcd/floor-old/ && "
+                           "/opt/etcd/etcdutl snapshot restore /var/lib/etcd/floor.db --data-dir /var/lib/etcd/floor-new "
+                           f"--name {m.etcd_member} --initial-cluster {cluster.initial_cluster()} "
+                           f"--initial-cluster-token {cluster.etcd_token} --initial-advertise-peer-urls {m.peer_url} "
+                           ">/dev/null 2>&1 && mv /var/lib/etcd/floor-new/member /var/lib/etcd/ && "
+                           "rm -rf /var/lib/etcd/floor-new /var/lib/etcd/floor.db"])
+
+    with ThreadPoolExecutor(len(cluster.masters)) as ex:
+        list(ex.map(per_master, cluster.masters))
+        list(ex.map(lambda m: conns[m.etcd_member].run(["systemctl", "start", "etcd"]), cluster.masters))
+    lab.wait_healthy(60)
+    took = time.monotonic() - t0
+    for c in conns.values():
+        c.close()
+    return took
+
+
+def flow_run(lab: Lab, snap: Path) -> float:
+    from flows.restore import restore_etcd_cluster
+
+    t0 = time.monotonic()
+    restore_etcd_cluster(inventory=str(lab.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True)
+    return time.monotonic() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--masters", type=int, default=3)
+    ap.add_argument("--mb", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--net", type=int, default=90)
+    a = ap.parse_args()
+    lab = Lab(Path(tempfile.mkdtemp(prefix="nova-dr-bench-lab-")))
+    lab.up(masters=a.masters, net=a.net)
+    try:
+        fill(lab, a.mb)
+        snap = Path(tempfile.mkdtemp()) / "snapshot.db"
+        m1 = lab.master("etcd1")
+        lab.etcdctl("snapshot", "save", str(snap), endpoints=[f"https://{m1.address}:2379"])
+        from prefect import flow
+
+        flow(lambda: None, name="warm-up")()  # the embedded server's start is not the restore's
+        floors, flows = [], []
+        for _ in range(a.runs):
+            floors.append(floor(lab, snap))
+            flows.append(flow_run(lab, snap))
+        f, g = statistics.median(floors), statistics.median(flows)
+        print(f"\nfull restore, {a.masters} masters, snapshot {snap.stat().st_size / 1e6:.0f} MB, median of {a.runs}")
+        print(f"{'floor (plain SSH, parallel)':32} {f:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in floors)}")
+        print(f"{'restore-etcd-cluster':32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows)}")
+        print(f"{'ratio flow/floor':32} {g / f:7.2f} x   (goal: 1.3x at 200 MB)")
+    finally:
+        lab.destroy()
+
+
+if __name__ == "__main__":
+    main()
