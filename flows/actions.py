@@ -58,59 +58,54 @@ def quarantine_data(run: Run, step: Step, up: dict) -> dict:
     return {"result": result, "quarantine": datadir.find_quarantine(conn, m, run.recovery_id) or "(nothing to keep)"}
 
 
-def _retry_membership(what: str, attempt_fn) -> dict:
+def _change_membership(run: Run, step: Step, what: str, decide) -> dict:
+    """Run one membership change from the helper master with bounded retries. Before each
+    try the member list is read again and `decide(members, entry, act)` sees the target's
+    current entry (None when absent), so a change that already landed is never made twice."""
+    conn, helper = on(run, step)
+    target = run.cluster.master(step.args["target"])
+    env = read_etcd_env(conn, helper)
+    act = {"remove": lambda hex_id: etcd.member_remove(conn, helper, env, hex_id),
+           "add": lambda: etcd.member_add(conn, helper, env, target.etcd_member, target.peer_url)}
     last = ""
     for _ in range(MEMBERSHIP_ATTEMPTS):
         try:
-            done = attempt_fn()
+            members = etcd.list_etcd_members(conn, helper, env)
+            if members is not None:  # None: the helper did not answer; read again
+                entry = next((x for x in members if target.peer_url in x.peer_urls), None)
+                return decide(members, entry, act)
         except CommandError as err:
             if not any(t in str(err).lower() for t in TRANSIENT):
                 raise
             last = str(err)
-            done = None
-        if done is not None:
-            return done
         time.sleep(MEMBERSHIP_DELAY)
-    raise NovaDRError(f"{what} kept failing after {MEMBERSHIP_ATTEMPTS} attempts: {last}")
+    raise NovaDRError(f"member {what} of {target.etcd_member} kept failing after {MEMBERSHIP_ATTEMPTS} attempts: "
+                      f"{last}")
 
 
 def remove_member(run: Run, step: Step, up: dict) -> dict:
-    conn, helper = on(run, step)
-    target = run.cluster.master(step.args["target"])
-    env = read_etcd_env(conn, helper)
-
-    def attempt():
-        members = etcd.list_etcd_members(conn, helper, env)
-        if members is None:
-            return None  # the helper did not answer: read again
-        entry = next((x for x in members if target.peer_url in x.peer_urls), None)
+    def decide(members, entry, act):
         if entry is None:
             return {"result": "already removed"}
         if not entry.started:
             return {"result": f"already removed and re-added (unstarted member {entry.hex_id}): not removing it"}
-        etcd.member_remove(conn, helper, env, entry.hex_id)
+        act["remove"](entry.hex_id)
         return {"result": f"removed {entry.hex_id}"}
 
-    return _retry_membership(f"member remove of {target.etcd_member}", attempt)
+    return _change_membership(run, step, "remove", decide)
 
 
 def add_member(run: Run, step: Step, up: dict) -> dict:
-    conn, helper = on(run, step)
-    target = run.cluster.master(step.args["target"])
-    env = read_etcd_env(conn, helper)
+    name = step.args["target"]
 
-    def attempt():
-        members = etcd.list_etcd_members(conn, helper, env)
-        if members is None:
-            return None
-        entry = next((x for x in members if target.peer_url in x.peer_urls), None)
+    def decide(members, entry, act):
         if entry is not None:  # it landed already (maybe in a run that died): never add twice
-            initial = ",".join(f"{x.name or target.etcd_member}={x.peer_urls[0]}" for x in members)
+            initial = ",".join(f"{x.name or name}={x.peer_urls[0]}" for x in members)
             return {"result": f"already added ({entry.hex_id})", "initial_cluster": initial}
-        out = etcd.member_add(conn, helper, env, target.etcd_member, target.peer_url)
+        out = act["add"]()
         return {"result": "added", "initial_cluster": parse_env_file(out).get("ETCD_INITIAL_CLUSTER", "")}
 
-    return _retry_membership(f"member add of {target.etcd_member}", attempt)
+    return _change_membership(run, step, "add", decide)
 
 
 def set_state_existing(run: Run, step: Step, up: dict) -> str:
