@@ -65,3 +65,15 @@ def lab_factory():
     yield make
     for lab in labs:
         lab.destroy()
+
+
+@pytest.fixture
+def fake_kube():
+    """The wire-level fake API server (tests/fakekube), with the real Velero and Flux CRDs."""
+    from tests.fakekube import FakeKube
+    from tests.helpers import register_crds
+
+    fake = FakeKube().start()
+    register_crds(fake)  # none where ../shared is absent: tests that need them skip
+    yield fake
+    fake.stop()

@@ -107,3 +107,27 @@ def make_bucket(endpoint: str, bucket: str) -> None:
     env = s3_env(endpoint)
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                  aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
+
+
+# ../shared/schemas holds the real Velero and Flux CRDs; a plain clone of the project has no ../shared.
+SCHEMAS = Path(os.environ.get("NOVA_DR_SCHEMAS", REPO.parent / "shared" / "schemas"))
+NO_SCHEMAS = f"the real CRDs are read from {SCHEMAS}, which is absent (a clone without ../shared)"
+
+
+def needs_schemas():
+    import pytest
+
+    return pytest.mark.skipif(not SCHEMAS.is_dir(), reason=NO_SCHEMAS)
+
+
+def register_crds(fake) -> None:
+    """The real CRDs of the custom resources the flows talk to."""
+    for path in sorted(SCHEMAS.glob("*/*.yaml")):
+        fake.register_crd(path)
+
+
+def kube_client(fake):
+    """The official client, configured from the fake's kubeconfig as a user's would be."""
+    from kubernetes import config
+
+    return config.new_client_from_config_dict(fake.kubeconfig())
