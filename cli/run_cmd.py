@@ -67,9 +67,9 @@ def run(flow: str, inventory: str = typer.Option(None, "--inventory", help="inve
     if auto_approve:
         params["auto_approve"] = True
     from flows import machinery
-    from flows.registry import PLANNERS
+    from flows.registry import GATED
 
-    if flow in PLANNERS and not auto_approve and not params.get("auto_approve"):
+    if flow in GATED and not auto_approve and not params.get("auto_approve"):
         if sys.stdin.isatty():
             machinery.GATE_LISTENERS.append(_terminal_gate)
         elif not machinery.api_is_shared():

@@ -18,6 +18,7 @@ class Spec:
     name: str
     cron: str | None = None
     needs_store: bool = False
+    needs_inventory: bool = True
     tags: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
@@ -28,16 +29,22 @@ SPECS = [
     Spec("restore-etcd-cluster", "on-demand", tags=("recovery",)),
     Spec("replace-etcd-member", "on-demand", tags=("recovery",)),
     Spec("restart-etcd-member", "on-demand", tags=("recovery",)),
+    # The Kubernetes side: reached through the API (kube=block:NAME), not over SSH.
+    Spec("install-cronjob-backup", "on-demand", needs_inventory=False, tags=("kubernetes", "backup")),
+    Spec("setup-data-protection", "on-demand", needs_inventory=False, tags=("kubernetes", "velero")),
+    Spec("velero-backup", "on-demand", needs_inventory=False, tags=("kubernetes", "velero", "backup")),
 ]
 
 
 def default_parameters(spec: Spec, env: dict | None = None) -> dict:
     env = os.environ if env is None else env
     params = dict(spec.extra)
-    if env.get("NOVA_DR_INVENTORY"):
+    if spec.needs_inventory and env.get("NOVA_DR_INVENTORY"):
         params["inventory"] = env["NOVA_DR_INVENTORY"]
     if spec.needs_store and env.get("NOVA_DR_STORE"):
         params["store"] = env["NOVA_DR_STORE"]
+    if not spec.needs_inventory and env.get("NOVA_DR_KUBE"):
+        params["kube"] = env["NOVA_DR_KUBE"]
     return params
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from flows.backup import backup_master_nodes
+from flows.cronjob import install_cronjob_backup
 from flows.member import plan_replace, plan_restart, replace_etcd_member, restart_etcd_member
 from flows.restore import plan_restore, restore_etcd_cluster
+from flows.velero import setup_data_protection, velero_backup
 from flows.verify import verify_backups
 
 FLOWS = {
@@ -13,6 +15,9 @@ FLOWS = {
     "replace-etcd-member": replace_etcd_member,
     "restart-etcd-member": restart_etcd_member,
     "verify-backups": verify_backups,
+    "install-cronjob-backup": install_cronjob_backup,
+    "setup-data-protection": setup_data_protection,
+    "velero-backup": velero_backup,
 }
 
 PLANNERS = {
@@ -20,3 +25,6 @@ PLANNERS = {
     "replace-etcd-member": plan_replace,
     "restart-etcd-member": plan_restart,
 }
+
+# Flows with an approval gate: `nova-dr run` answers it at the terminal.
+GATED = set(PLANNERS) | {"install-cronjob-backup", "setup-data-protection"}

@@ -32,3 +32,38 @@ def store_raft_snapshot(creds: StarVaultCredentials, store: BackupStore, name: s
             return store.put(name, write, mode=0o600)
     except httpx.HTTPError as err:
         raise NovaDRError(f"StarVault {creds.address}: unreachable ({type(err).__name__}: {err})") from None
+
+
+def _client(creds: StarVaultCredentials) -> httpx.Client:
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cadata=creds.ca_cert) if creds.ca_cert else True
+    return httpx.Client(base_url=creds.address.rstrip("/"), verify=verify, timeout=30,
+                        headers={"X-Vault-Token": creds.token.get_secret_value()})
+
+
+def kv2_read(creds: StarVaultCredentials, mount: str, path: str) -> tuple[dict, int]:
+    """The newest version of a KV v2 secret: (data, version); ({}, 0) when it does not exist."""
+    try:
+        with _client(creds) as c:
+            r = c.get(f"/v1/{mount}/data/{path}")
+    except httpx.HTTPError as err:
+        raise NovaDRError(f"StarVault {creds.address}: unreachable ({type(err).__name__})") from None
+    if r.status_code == 404:
+        return {}, 0
+    if r.status_code != 200:
+        raise NovaDRError(f"StarVault {creds.address}: reading {mount}/{path} refused (HTTP {r.status_code}); "
+                          "check the token's policy in the StarVault block")
+    body = r.json()["data"]
+    return body.get("data") or {}, int((body.get("metadata") or {}).get("version", 0))
+
+
+def kv2_write(creds: StarVaultCredentials, mount: str, path: str, data: dict, cas: int) -> int:
+    """A new version of a KV v2 secret, only if the newest is still `cas` (check-and-set)."""
+    try:
+        with _client(creds) as c:
+            r = c.post(f"/v1/{mount}/data/{path}", json={"options": {"cas": cas}, "data": data})
+    except httpx.HTTPError as err:
+        raise NovaDRError(f"StarVault {creds.address}: unreachable ({type(err).__name__})") from None
+    if r.status_code != 200:
+        raise NovaDRError(f"StarVault {creds.address}: writing {mount}/{path} refused (HTTP {r.status_code}); "
+                          "someone else may have written it meanwhile, or the token may not allow it")
+    return int(r.json()["data"]["version"])

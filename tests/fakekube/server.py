@@ -7,6 +7,7 @@ Tests act as controllers through its Python methods (set a phase, make a Job's p
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import secrets
@@ -386,6 +387,9 @@ class FakeKube:
                 text = ", ".join(f"{f}: {m}" for f, m in errors)
                 raise ApiError(422, "Invalid", f'{rt.kind}.{rt.group} "{name}" is invalid: [{text}]',
                                {"name": name, "group": rt.group, "kind": rt.kind, "causes": causes})
+        if rt.kind == "Secret" and "stringData" in new:  # write-only: the server stores it under data, base64
+            new["data"] = {**(new.get("data") or {}), **{k: base64.b64encode(v.encode()).decode()
+                                                         for k, v in new.pop("stringData").items()}}
         meta = new.setdefault("metadata", {})
         meta["name"] = name
         if ns is not None:
