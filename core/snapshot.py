@@ -73,7 +73,8 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
     out = []
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
+            # `tar cf - -C dir .` starts with the folder itself ("./"): nothing to extract
+            members = [m for m in tar.getmembers() if not (m.isdir() and m.name.strip("/") in (".", ""))]
             for m in members:
                 check_member_path(m.name)
                 check_link(m)

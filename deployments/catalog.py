@@ -33,6 +33,8 @@ SPECS = [
     Spec("install-cronjob-backup", "on-demand", needs_inventory=False, tags=("kubernetes", "backup")),
     Spec("setup-data-protection", "on-demand", needs_inventory=False, tags=("kubernetes", "velero")),
     Spec("velero-backup", "on-demand", needs_inventory=False, tags=("kubernetes", "velero", "backup")),
+    Spec("restore-files-velero", "on-demand", needs_inventory=False, tags=("kubernetes", "velero", "recovery")),
+    Spec("restore-files-kopia", "on-demand", needs_inventory=False, tags=("kopia", "recovery")),
 ]
 
 

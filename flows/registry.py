@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flows.backup import backup_master_nodes
 from flows.cronjob import install_cronjob_backup
+from flows.files import restore_files_kopia, restore_files_velero
 from flows.member import plan_replace, plan_restart, replace_etcd_member, restart_etcd_member
 from flows.restore import plan_restore, restore_etcd_cluster
 from flows.velero import setup_data_protection, velero_backup
@@ -18,6 +19,8 @@ FLOWS = {
     "install-cronjob-backup": install_cronjob_backup,
     "setup-data-protection": setup_data_protection,
     "velero-backup": velero_backup,
+    "restore-files-velero": restore_files_velero,
+    "restore-files-kopia": restore_files_kopia,
 }
 
 PLANNERS = {

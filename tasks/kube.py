@@ -34,8 +34,9 @@ class Kube:
     def host(self) -> str:
         return self.c.configuration.host
 
-    def call(self, what: str, fn: Callable, *args, missing_ok: bool = False, **kw):
-        """fn(*args, **kw); None for a 404 when missing_ok; KubeError otherwise."""
+    def call(self, what: str, fn: Callable, *args, missing_ok: bool = False, raw: bool = False, **kw):
+        """fn(*args, **kw) as plain JSON-like data (raw: as returned); None for a 404 when
+        missing_ok; KubeError otherwise."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
@@ -54,7 +55,9 @@ class Kube:
             raise KubeError(f"{what}: {msg} (HTTP {err.status})", err.status, body.get("reason", "")) from None
         except HTTPError as err:
             raise KubeError(f"{what}: the Kubernetes API at {self.host} is unreachable ({type(err).__name__})") from None
-        return self.c.sanitize_for_serialization(out) if out is not None and not isinstance(out, dict) else out
+        if raw or out is None or isinstance(out, dict):
+            return out
+        return self.c.sanitize_for_serialization(out)
 
     # --- custom resources (group, version) ------------------------------------------------------
 
@@ -137,12 +140,16 @@ class Kube:
                 timeout: float = 3600) -> tuple[int, str]:
         """Run command in the container; its stdout goes to sink byte for byte (binary mode:
         in text mode the client decodes and corrupts binary data). Returns (exit code, stderr)."""
+        from kubernetes import client
         from kubernetes.stream import stream
 
         what = f"exec in pod {ns}/{pod} container {container}"
-        ws = self.call(what, stream, self.core.connect_get_namespaced_pod_exec, pod, ns, command=command,
+        # stream() swaps the ApiClient's call_api while it connects: with a shared client, exec in
+        # parallel threads would leave it swapped for good. One client per exec.
+        core = client.CoreV1Api(client.ApiClient(self.c.configuration))
+        ws = self.call(what, stream, core.connect_get_namespaced_pod_exec, pod, ns, command=command,
                        container=container, stderr=True, stdin=False, stdout=True, tty=False, binary=True,
-                       _preload_content=False)
+                       _preload_content=False, raw=True)
         err = b""
         deadline = time.monotonic() + timeout
         try:
