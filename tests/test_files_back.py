@@ -159,7 +159,7 @@ def test_velero_files_arrive_byte_identical_and_the_restore_is_cleaned_up(world,
     # only what this run made is deleted; the live daemon's namespace is never touched
     assert [r[1] for r in world.fake.requests if r[0] == "DELETE"] == [
         f"/apis/velero.io/v1/namespaces/nova-cluster-backup/restores/{out['notes'][0].split()[2]}",
-        "/apis/apps/v1/namespaces/nova-cluster-restore/daemonsets/nova-backup-daemon"]
+        "/apis/apps/v1/namespaces/nova-cluster-restore/daemonsets/nova-backup-daemon?propagationPolicy=Background"]
 
 
 @needs_schemas()
