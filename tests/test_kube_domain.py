@@ -1,0 +1,107 @@
+"""The pure parts of the Kubernetes-side flows: cron, states of what we read, Kopia's list."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from core import files as cf
+from core import kube as k
+from core.errors import NovaDRError
+
+
+@pytest.mark.parametrize("expr", ["0 4 * * *", "*/15 0-6 1,15 jan-jun mon-fri", "@daily", "30 2 * * 7"])
+def test_cron_accepts(expr):
+    assert k.check_cron(expr) == " ".join(expr.split())
+
+
+@pytest.mark.parametrize("expr, says", [("0 24 * * *", "valid hour"), ("0 4 * *", "5 cron fields"),
+                                        ("*/0 * * * *", "bad step"), ("0 4 31-1 * *", "runs backwards"),
+                                        ("0 4 * foo *", "valid month"), ("every night", "5 cron fields")])
+def test_cron_refuses(expr, says):
+    with pytest.raises(NovaDRError, match=says):
+        k.check_cron(expr)
+
+
+def _k(gen, observed, status=None, reason="", message=""):
+    conds = [] if status is None else [{"type": "Ready", "status": status, "reason": reason, "message": message}]
+    return {"metadata": {"generation": gen}, "status": {"observedGeneration": observed, "conditions": conds}}
+
+
+def test_kustomization_ready_counts_only_for_its_generation():
+    assert k.kustomization_state(_k(2, 1, "True", "ReconciliationSucceeded")) == (
+        False, False, "Flux has not reconciled generation 2 yet")
+    assert k.kustomization_state(_k(2, 2, "True", "ReconciliationSucceeded", "Applied"))[:2] == (True, True)
+    assert k.kustomization_state(_k(2, 2, "False", "BuildFailed", "no path")) == (True, False, "BuildFailed: no path")
+    assert k.kustomization_state(_k(2, 2, "Unknown", "Progressing", "running"))[:2] == (False, False)
+
+
+def test_velero_phases():
+    fail = k.BACKUP_FAILED
+    assert k.velero_state({"status": {"phase": "InProgress"}}, fail) == (False, False, "InProgress")
+    assert k.velero_state({}, fail) == (False, False, "New")
+    assert k.velero_state({"status": {"phase": "Completed", "warnings": 2}}, fail)[:2] == (True, True)
+    done, ok, why = k.velero_state({"status": {"phase": "FailedValidation", "validationErrors": ["a", "b"]}}, fail)
+    assert (done, ok) == (True, False) and why.endswith("validation errors: a; b")
+    assert k.velero_state({"status": {"phase": "Deleting"}}, fail)[:2] == (True, False)
+    assert k.velero_state({"status": {"phase": "WaitingForPluginOperations"}}, fail)[0] is False
+
+
+def test_rollout_state_is_kubectls():
+    dep = {"metadata": {"generation": 3}, "spec": {"replicas": 2}}
+    assert k.rollout_state({**dep, "status": {"observedGeneration": 2}})[0] is False
+    st = {"observedGeneration": 3, "replicas": 3, "updatedReplicas": 2, "availableReplicas": 2}
+    assert k.rollout_state({**dep, "status": st}) == (False, "1 old replicas pending termination")
+    st = {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}
+    assert k.rollout_state({**dep, "status": st})[0] is True
+
+
+def test_results_messages_in_order():
+    res = {"errors": {"velero": ["e1"], "namespaces": {"b": ["e3"], "a": ["e2"]}}, "warnings": {"cluster": ["w1"]}}
+    assert k.results_messages(res) == ["error (velero): e1", "error (namespace a): e2", "error (namespace b): e3",
+                                       "warning (cluster): w1"]
+
+
+def test_bsl_refuses_a_prefix_under_kopia_and_bad_buckets():
+    with pytest.raises(NovaDRError, match="kopia"):
+        k.render_bsl("default", "bucket", "kopia/x", "us-east-1", "http://s3")
+    with pytest.raises(NovaDRError, match="not a valid S3 bucket"):
+        k.render_bsl("default", "Bad_Bucket", "", "us-east-1", "http://s3")
+    assert "prefix" not in k.render_bsl("default", "bucket", "", "r", "u")["spec"]["objectStorage"]
+
+
+LIST = json.dumps([
+    {"id": "a1", "source": {"host": "default", "userName": "default",
+                            "path": "/host_pods/11111111-2222-3333-4444-555555555555/volumes/kubernetes.io~empty-dir/backup-volume"},
+     "startTime": "2026-11-26T04:00:05.123456789Z", "endTime": "2026-11-26T04:00:07Z", "stats": {"fileCount": 2},
+     "rootEntry": {"name": "backup-volume", "type": "d"}},
+    {"id": "a2", "source": {"host": "default", "userName": "default",
+                            "path": "/host_pods/11111111-2222-3333-4444-555555555555/volumes/kubernetes.io~empty-dir/backup-volume"},
+     "startTime": "2026-11-27T04:00:05.5Z", "endTime": "2026-11-27T04:00:07Z", "stats": {"fileCount": 2},
+     "rootEntry": {"name": "backup-volume", "type": "d"}},
+])
+
+
+def test_kopia_list_and_point_in_time():
+    snaps = cf.parse_kopia_snapshots(LIST)
+    assert snaps[0].start == datetime(2026, 11, 26, 4, 0, 5, 123456, tzinfo=timezone.utc)
+    chosen, warn = cf.choose_snapshots(snaps, None)
+    assert [s.id for s in chosen.values()] == ["a2"] and warn == []
+    chosen, _ = cf.choose_snapshots(snaps, cf.parse_point("2026-11-27T04:00:05"))
+    assert [s.id for s in chosen.values()] == ["a1"]  # started half a second after the point
+    with pytest.raises(NovaDRError, match="oldest in the repository is 2026-11-26 04:00:05Z"):
+        cf.choose_snapshots(snaps, cf.parse_point("2026-01-01T00:00:00Z"))
+    with pytest.raises(NovaDRError, match="output not understood"):
+        cf.parse_kopia_snapshots('[{"id": "x"}]')
+
+
+def test_sources_are_named_by_pod_then_by_archive():
+    path = json.loads(LIST)[0]["source"]["path"]
+    assert cf.pod_uid(path) == "11111111-2222-3333-4444-555555555555"
+    assert cf.name_source(path, {"11111111-2222-3333-4444-555555555555": "master-2"}, []) == "master-2"
+    assert cf.name_source(path, {}, ["m1_kubereresources_2026-11-27_040005.tar.gz"]) == "m1"
+    with pytest.raises(NovaDRError, match="maps to no master"):
+        cf.name_source(path, {}, ["x.bin"])
+    assert cf.flat_collisions({"p1": ["a", "b"], "p2": ["b"]}) == ["b (from p1 and p2)"]
