@@ -44,3 +44,13 @@ class StarVaultCredentials(Block):
     address: str = Field(description="e.g. https://starvault.nova-system.svc:8200")
     token: SecretStr = Field(description="a token with read on sys/storage/raft/snapshot")
     ca_cert: str | None = Field(None, description="PEM of the CA that signed StarVault's certificate")
+
+
+class AgeIdentity(Block):
+    """The age identities (private keys) that open encrypted backup sets: one per line, as
+    `age-keygen` writes them. Several lines while keys are rotated: any of them may open a file."""
+
+    _block_type_name = "Nova Backup Age Identity"
+    _block_type_slug = "nova-backup-age-identity"
+
+    identities: SecretStr = Field(description="AGE-SECRET-KEY-1... lines (comments starting with # allowed)")

@@ -1,4 +1,4 @@
-"""`nova-dr backups list|fetch`: the sets in a backup store."""
+"""`nova-dr backups list|fetch|rekey`: the sets in a backup store."""
 
 from __future__ import annotations
 
@@ -41,14 +41,18 @@ def list_(store: str = StoreOpt, inventory: str = InvOpt, s3_block: str = typer.
         st = open_store(store, s3_block)
         sets, orphans = read_sets(st.list())
         names = _names(inventory)
-        typer.echo(f"{'set':18} {'nova':7} {'k8s':8} {'complete':34} {'manifest':18} {'size':>10} {'age':>7}")
+        typer.echo(f"{'set':18} {'nova':7} {'k8s':8} {'complete':34} {'manifest':18} {'encrypted':9} {'size':>10} "
+                   f"{'age':>7}")
         for s in sets:
             manifest = read_manifest(st, s)
             starvault = (manifest or {}).get("settings", {}).get("INCLUDE_STARVAULT_DB_BACKUP", True)
             missing = s.missing(set_masters(s, manifest, names), starvault)
             state = "yes" if not missing else "missing " + ", ".join(missing)
             verified = "yes (sha256 listed)" if manifest else "none: unverified"
-            typer.echo(f"{s.ts:18} {s.nova_version:7} {s.k8s_version:8} {state[:34]:34} {verified:18} "
+            secret = [f for f in [*s.nodes.values(), s.starvault] if f]
+            sealed = sum(f.endswith(".age") for f in secret)
+            enc = "yes" if secret and sealed == len(secret) else ("NO" if not sealed else "partly")
+            typer.echo(f"{s.ts:18} {s.nova_version:7} {s.k8s_version:8} {state[:34]:34} {verified:18} {enc:9} "
                        f"{s.size:>10} {_age(s.time):>7}")
         if orphans:
             typer.echo(f"\n{len(orphans)} file(s) of ours in no set (left alone): {', '.join(orphans[:5])}")
@@ -61,7 +65,9 @@ def list_(store: str = StoreOpt, inventory: str = InvOpt, s3_block: str = typer.
 @app.command()
 def fetch(store: str = StoreOpt, backup: str = typer.Option("latest", "--backup", help="latest or a set's timestamp"),
           to: str = typer.Option(..., "--to", help="folder to download into"), inventory: str = InvOpt,
-          s3_block: str = typer.Option(None, "--s3-block")) -> None:
+          s3_block: str = typer.Option(None, "--s3-block"),
+          identity_block: str = typer.Option(None, "--identity-block", help="Age Identity block, for encrypted sets")
+          ) -> None:
     """Download one set and check it (sha256s against its manifest; every archive read to its end)."""
     from core.errors import NovaDRError
     from core.sets import read_sets
@@ -78,7 +84,7 @@ def fetch(store: str = StoreOpt, backup: str = typer.Option("latest", "--backup"
             chosen = sets[0] if sets else choose_set(sets, backup, [], False)
         else:
             chosen = choose_set(sets, backup, names or [], False)
-        report = fetch_set(st, chosen, to)
+        report = fetch_set(st, chosen, to, identity_block=identity_block)
     except NovaDRError as err:
         _fail(err)
     for name in report["files"]:
@@ -88,3 +94,27 @@ def fetch(store: str = StoreOpt, backup: str = typer.Option("latest", "--backup"
     typer.echo(f"set {report['set']}: " + ("verified against its manifest" if report["verified"]
                                             else "no manifest (made by the platform's daemon): archives read to "
                                                  "their end, unverified"))
+
+
+@app.command()
+def rekey(store: str = StoreOpt,
+          to: list[str] = typer.Option(..., "--to", help="a new recipient (age1...), repeatable"),
+          identity_block: str = typer.Option(..., "--identity-block",
+                                             help="Age Identity block that opens the sets now"),
+          backup: str = typer.Option("all", "--backup", help="all, or one set's timestamp"),
+          s3_block: str = typer.Option(None, "--s3-block")) -> None:
+    """Re-encrypt stored sets to new recipients. Each set's new files are made and checked
+    before any old file is replaced; keep the old identity until this has finished."""
+    from core.errors import NovaDRError
+    from tasks.crypto import identities_from_block, recipients_from
+    from tasks.rekey import rekey_store
+    from tasks.storage import open_store
+
+    try:
+        recipients = recipients_from(to)
+        done = rekey_store(open_store(store, s3_block), identities_from_block(identity_block), recipients, backup)
+    except NovaDRError as err:
+        _fail(err)
+    for ts, files in done.items():
+        typer.echo(f"set {ts}: " + (f"{len(files)} file(s) re-keyed to {len(to)} recipient(s)" if files
+                                     else "nothing encrypted, left as it is"))

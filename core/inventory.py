@@ -117,6 +117,8 @@ class Cluster(_Strict):
     k8s_version: str = Field(description="Kubernetes version x.y.Z, with or without a 'v'")
     etcd_token: str = Field("k8s_etcd", description="--initial-cluster-token")
     unseal_threshold: int = Field(3, ge=1, description="unseal shares needed (3 of 5 by default)")
+    backup_recipients: list[str] = Field(default_factory=list, description="age X25519 public keys (age1...) the "
+                                         "backups are encrypted to; empty: stored unencrypted (warned every time)")
     ssh: SSHSettings
     masters: list[Master]
 

@@ -9,10 +9,11 @@ from datetime import datetime, timezone
 TS_FORMAT = "%Y-%m-%d_%H%M%S"
 _TS = r"(?P<ts>\d{4}-\d{2}-\d{2}_\d{6})"
 _V = r"v?(?P<{0}>\d+\.\d+\.\d+)"
-ETCD_RE = re.compile(rf"^etcd_snapshot_nova-{_V.format('nova')}_k8s-{_V.format('k8s')}_{_TS}\.db(?P<tgz>\.tar\.gz)?$")
+_AGE = r"(?P<age>\.age)?"  # encrypted at rest (age); the name is otherwise the daemon's
+ETCD_RE = re.compile(rf"^etcd_snapshot_nova-{_V.format('nova')}_k8s-{_V.format('k8s')}_{_TS}\.db(?P<tgz>\.tar\.gz)?{_AGE}$")
 # The seed spells it three ways; we read all three and write `kubereresources`.
-NODE_RE = re.compile(rf"^(?P<node>.+)_(?:kubereresources|kuberesources|kuberestores)_{_TS}\.tar\.gz$")
-STARVAULT_RE = re.compile(rf"^starvault_snapshot_nova-{_V.format('nova')}_{_TS}1?\.db$")
+NODE_RE = re.compile(rf"^(?P<node>.+)_(?:kubereresources|kuberesources|kuberestores)_{_TS}\.tar\.gz{_AGE}$")
+STARVAULT_RE = re.compile(rf"^starvault_snapshot_nova-{_V.format('nova')}_{_TS}1?\.db{_AGE}$")
 MANIFEST_RE = re.compile(rf"^nova-dr-manifest_{_TS}\.json$")
 
 
@@ -31,16 +32,17 @@ class ParsedName:
     nova_version: str | None = None
     k8s_version: str | None = None
     node: str | None = None
+    encrypted: bool = False
 
 
 def parse_name(name: str) -> ParsedName | None:
     """What a backup file is, or None when the name is not one of ours."""
     if m := ETCD_RE.match(name):
-        return ParsedName("etcd", m["ts"], m["nova"], m["k8s"])
+        return ParsedName("etcd", m["ts"], m["nova"], m["k8s"], encrypted=bool(m["age"]))
     if m := NODE_RE.match(name):
-        return ParsedName("node", m["ts"], node=m["node"])
+        return ParsedName("node", m["ts"], node=m["node"], encrypted=bool(m["age"]))
     if m := STARVAULT_RE.match(name):
-        return ParsedName("starvault", m["ts"], m["nova"])
+        return ParsedName("starvault", m["ts"], m["nova"], encrypted=bool(m["age"]))
     if m := MANIFEST_RE.match(name):
         return ParsedName("manifest", m["ts"])
     return None
@@ -60,3 +62,8 @@ def starvault_snapshot_name(nova: str, ts: str) -> str:
 
 def manifest_name(ts: str) -> str:
     return f"nova-dr-manifest_{ts}.json"
+
+
+def plain_name(name: str) -> str:
+    """The name a file has once decrypted."""
+    return name[:-4] if name.endswith(".age") else name

@@ -44,6 +44,19 @@ class BackupSet:
     def size(self) -> int:
         return sum(self.sizes.get(f, 0) for f in self.files)
 
+    @property
+    def encrypted(self) -> list[str]:
+        return [f for f in self.files if f.endswith(".age")]
+
+    def plain(self) -> "BackupSet":
+        """The same set as it looks once its encrypted files are decrypted."""
+        from core.names import plain_name
+
+        return BackupSet(self.ts, plain_name(self.etcd), self.nova_version, self.k8s_version,
+                         {a: plain_name(f) for a, f in self.nodes.items()},
+                         plain_name(self.starvault) if self.starvault else None, self.manifest,
+                         {plain_name(f): n for f, n in self.sizes.items()})
+
     def missing(self, archive_names: list[str], require_starvault: bool = True) -> list[str]:
         out = [f"archive of {a}" for a in archive_names if a not in self.nodes]
         if require_starvault and not self.starvault:

@@ -24,9 +24,12 @@ from core.settings import resolve_settings
 from flows import machinery as mc
 from flows.machinery import Run
 from tasks import archive
+from tasks.crypto import EncryptingStore, recipients_from
 from tasks.storage import BackupStore, open_store
 
 FLOW_NAME = "backup-master-nodes"
+UNENCRYPTED = ("secrets are stored unencrypted: the node archives hold private keys, unseal tokens and the etcd "
+               "encryption keys. Set backup_recipients (age public keys) in the inventory")
 
 
 def choose_snapshot_member(facts: ClusterFacts) -> str:
@@ -76,15 +79,20 @@ def save_starvault_snapshot(cluster: Cluster, block: str, store: BackupStore, ts
     return {"name": name, "size": size, "sha256": sha, "kind": "starvault"}
 
 
-def write_manifest(store: BackupStore, cluster: Cluster, ts: str, results: list[dict], settings: dict) -> str:
+def write_manifest(store: BackupStore, cluster: Cluster, ts: str, results: list[dict], settings: dict,
+                   encrypted_to: list[str]) -> str:
     etcd = next(r for r in results if r["kind"] == "etcd")
     doc = {
         "format": 1, "created_by": "nova-dr backup-master-nodes", "timestamp": ts, "cluster": cluster.name,
         "nova_version": cluster.nova_version, "k8s_version": cluster.k8s_version, "settings": settings,
         "etcd_snapshot": {"member": etcd["member"], "status": etcd["status"]},
         "masters": [m.archive_name for m in cluster.masters],
+        # sha256 is of what was stored (the ciphertext for .age files); plain_sha256 of what it decrypts to
         "files": {r["name"]: {"size": r["size"], "sha256": r["sha256"], "kind": r["kind"],
-                              **({"node": r["node"]} if "node" in r else {})} for r in results},
+                              **({"node": r["node"]} if "node" in r else {}),
+                              **({"plain_sha256": r["plain_sha256"], "plain_size": r["plain_size"]}
+                                 if "plain_sha256" in r else {})} for r in results},
+        "encrypted_to": len(encrypted_to),
     }
     body = json.dumps(doc, indent=1, sort_keys=True).encode()
     name = manifest_name(ts)
@@ -112,6 +120,8 @@ def backup_master_nodes(
     RETENTION_PERIOD_DAYS: int | None = None,
     s3_block: str | None = None,
     starvault_block: str | None = None,
+    recipients: list[str] | None = None,
+    encrypt_etcd_snapshot: bool = False,
 ) -> dict:
     """Back up every master: the etcd snapshot, one archive per master, the StarVault snapshot,
     a manifest; then retention. Each INCLUDE_* / RETENTION_PERIOD_DAYS left empty comes from the
@@ -127,6 +137,10 @@ def backup_master_nodes(
         RETENTION_PERIOD_DAYS: days to keep sets in the store (default 7); the newest complete set always stays
         s3_block: a Nova Backup S3 Credentials block for an s3:// store (default: the environment)
         starvault_block: a Nova StarVault Credentials block (address and token)
+        recipients: age public keys (age1...) to encrypt the node archives and the StarVault snapshot to
+            (default: the inventory's backup_recipients; none: stored unencrypted, with a warning)
+        encrypt_etcd_snapshot: encrypt the etcd snapshot too (its Secrets are encrypted at rest already
+            when the platform's encryption config is on, but its keys are in the node archives)
     """
     log = get_run_logger()
     settings = resolve_settings(dict(INCLUDE_STARVAULT_UNSEAL_TOKENS=INCLUDE_STARVAULT_UNSEAL_TOKENS,
@@ -138,8 +152,14 @@ def backup_master_nodes(
     if settings["INCLUDE_STARVAULT_DB_BACKUP"] and not starvault_block:
         raise NovaDRError("INCLUDE_STARVAULT_DB_BACKUP is on but no starvault_block is given: save a Nova StarVault "
                           "Credentials block and pass its name, or turn the switch off")
+    keys = recipients if recipients is not None else cluster.backup_recipients
     st = open_store(store, s3_block)
     st.list()  # the store answers before any master is touched
+    if keys:
+        st = EncryptingStore(st, recipients_from(keys), {"node", "starvault"} | ({"etcd"} if encrypt_etcd_snapshot
+                                                                                  else set()))
+    else:
+        log.warning(UNENCRYPTED)
     run = Run(FLOW_NAME, cluster)
     try:
         facts = mc.preflight(run)
@@ -161,7 +181,9 @@ def backup_master_nodes(
                 errors.append(str(err))
         if errors:
             raise NovaDRError(f"backup {ts} failed, no manifest written: " + " | ".join(errors))
-        manifest = write_manifest(st, cluster, ts, results, settings)
+        for r in results:  # the names as stored, with the plaintext's digest beside the ciphertext's
+            r.update(getattr(st, "stored", {}).get(r["name"], {}))
+        manifest = write_manifest(st, cluster, ts, results, settings, list(keys or []))
         retention = apply_retention(st, cluster, settings["RETENTION_PERIOD_DAYS"],
                                     settings["INCLUDE_STARVAULT_DB_BACKUP"])
     finally:
@@ -169,7 +191,8 @@ def backup_master_nodes(
     log.info("retention: deleted %d files; %s", len(retention["deleted"]), retention["kept"])
     rows = [[r["name"], r["size"], r["sha256"][:16]] for r in results]
     mc.publish("backup-report", f"# Backup {ts} to `{st.url}`\n\n" + mc.render_table(["file", "bytes", "sha256"], rows)
-               + f"\n\nmanifest `{manifest}`; retention: deleted {len(retention['deleted'])}, {retention['kept']}",
+               + f"\n\nmanifest `{manifest}`; retention: deleted {len(retention['deleted'])}, {retention['kept']}"
+               + (f"\n\nEncrypted with age to {len(keys)} recipient(s)." if keys else f"\n\n> **Warning:** {UNENCRYPTED}"),
                "backup-master-nodes: what was written")
     return {"timestamp": ts, "store": st.url, "files": results, "manifest": manifest, "retention": retention,
             "settings": settings}

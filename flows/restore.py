@@ -6,6 +6,7 @@ an approval gate, then a DAG of idempotent steps with checkpoints keyed on the r
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -175,27 +176,36 @@ def make_plan(run: Run, facts: ClusterFacts) -> Plan:
                               delete_old_data=run.data["delete_old_data"], warnings=warnings)
 
 
-def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block: str | None) -> str:
-    """Fetch the chosen set's etcd archive (and manifest) and check its sha256 before anything."""
+def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block: str | None,
+                        identity_block: str | None = None) -> str:
+    """Fetch the chosen set's etcd archive (and manifest), decrypt it when it is encrypted, and
+    check its sha256s before anything."""
     st = open_store(store, s3_block)
     names = [m.archive_name for m in cluster.masters]
     found = find_set(st, backup or "latest", names, require_starvault=False)
-    fetched = fetch_set(st, found, Path(workdir) / "fetched", names=[found.etcd])
+    fetched = fetch_set(st, found, Path(workdir) / "fetched", names=[found.etcd], identity_block=identity_block)
     if fetched["problems"]:
         raise SnapshotError(f"backup set {found.ts} in {st.url}: " + "; ".join(fetched["problems"])
                             + "; nothing was changed")
-    return str(Path(workdir) / "fetched" / found.etcd)
+    return str(Path(workdir) / "fetched" / fetched["files"][0])
 
 
 def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow_version_mismatch: bool,
             bump_revision: int, delete_old_data: bool, workdir: str, store: str | None = None,
-            backup: str | None = None, s3_block: str | None = None) -> Run:
+            backup: str | None = None, s3_block: str | None = None, identity_block: str | None = None) -> Run:
     """Everything before the cluster is touched: inventory, snapshot checks, recovery id."""
     cluster = resolve_inventory(inventory)
     if snapshot and store:
         raise NovaDRError("give either snapshot or store (+ backup), not both")
     if store:
-        snapshot = snapshot_from_store(store, backup or "latest", cluster, workdir, s3_block)
+        snapshot = snapshot_from_store(store, backup or "latest", cluster, workdir, s3_block, identity_block)
+    elif snapshot and snapshot.endswith(".age"):  # an encrypted snapshot given as a file
+        from tasks.backups import decrypt_files
+
+        local = Path(workdir) / "decrypted"
+        local.mkdir()
+        os.symlink(Path(snapshot).resolve(), local / Path(snapshot).name)
+        snapshot = str(local / decrypt_files([Path(snapshot).name], local, identity_block)[0])
     if not snapshot:
         raise NovaDRError("no snapshot given; pass --param snapshot=PATH (an etcd_snapshot_*.db.tar.gz or .db), "
                           "or store=URL with backup=latest|TIMESTAMP")
@@ -222,6 +232,7 @@ def restore_etcd_cluster(
     store: str | None = None,
     backup: str | None = None,
     s3_block: str | None = None,
+    identity_block: str | None = None,
 ) -> dict:
     """Restore the whole etcd cluster from a snapshot (quorum lost, API down): the last resort.
 
@@ -239,11 +250,12 @@ def restore_etcd_cluster(
         store: take the snapshot from a backup store instead: a directory (NFS mount) or s3://bucket/prefix
         backup: with store: latest (the newest complete set) or a set's timestamp YYYY-MM-DD_HHMMSS
         s3_block: a Nova Backup S3 Credentials block for an s3:// store (default: the environment)
+        identity_block: a Nova Backup Age Identity block, for an encrypted snapshot (name ending .age)
     """
     log = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="nova-dr-snap-", dir=mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp,
-                      store, backup, s3_block)
+                      store, backup, s3_block, identity_block)
         run.data["healthy_timeout"] = healthy_timeout_seconds
         print(f"recovery id: {run.recovery_id}")
         try:
@@ -304,11 +316,11 @@ def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, app
 def plan_restore(inventory: str, snapshot: str | None = None, recovery_id: str | None = None,
                  allow_version_mismatch: bool = False, bump_revision: int = 1_000_000_000,
                  delete_old_data: bool = False, store: str | None = None, backup: str | None = None,
-                 s3_block: str | None = None, **_ignored) -> Plan:
+                 s3_block: str | None = None, identity_block: str | None = None, **_ignored) -> Plan:
     """`nova-dr plan restore-etcd-cluster`: preflight and plan, nothing touched."""
     with tempfile.TemporaryDirectory(prefix="nova-dr-plan-", dir=mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, int(bump_revision),
-                      delete_old_data in (True, "true", "1", "yes"), tmp, store, backup, s3_block)
+                      delete_old_data in (True, "true", "1", "yes"), tmp, store, backup, s3_block, identity_block)
         try:
             facts = mc.gather_facts(run)
             refuse_unsafe(facts, run.data["snapshot"])

