@@ -42,8 +42,12 @@ def served(tmp_path_factory):
 
 
 def curl(*args: str) -> dict:
-    out = subprocess.run(["curl", "-sS", "--fail-with-body", *args], capture_output=True, text=True, check=True).stdout
-    return json.loads(out)
+    """As incident tooling should call it: retrying a transient error (the test server's SQLite
+    can answer 5xx under load), which the idempotency key makes safe."""
+    p = subprocess.run(["curl", "-sS", "--fail-with-body", "--retry", "3", "--retry-all-errors", "--retry-delay", "1",
+                        *args], capture_output=True, text=True)
+    assert p.returncode == 0, f"curl {args[-1][:80]}: exit {p.returncode}: {p.stdout[:500]} {p.stderr[:300]}"
+    return json.loads(p.stdout)
 
 
 def state_of(run_id: str) -> str:
