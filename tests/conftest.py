@@ -77,3 +77,14 @@ def fake_kube():
     register_crds(fake)  # none where ../shared is absent: tests that need them skip
     yield fake
     fake.stop()
+
+
+@pytest.fixture(scope="session")
+def moto():
+    """moto's S3 server process, for the tests that act as Velero's bucket."""
+    from tests.helpers import start_moto
+
+    p, url = start_moto(ROOT / "moto-session.log")
+    yield url
+    p.terminate()
+    p.wait(10)

@@ -19,7 +19,7 @@ from prefect.blocks.system import Secret
 from core.names import etcd_snapshot_name, node_archive_name, starvault_snapshot_name, timestamp
 from flows.files import restore_files_kopia, restore_files_velero
 from tests.fakekube.server import ExecResult
-from tests.helpers import REPO, ROOT, make_bucket, needs_schemas, start_moto
+from tests.helpers import REPO, make_bucket, needs_schemas
 from tests.kube_world import World
 from tests.test_restore import error_of
 
@@ -45,7 +45,7 @@ def daemon_files(big: int = 2 << 20) -> dict[str, dict[str, bytes]]:
     for i, node in enumerate(NODES):
         files = {node_archive_name(node, TS): _tar_gz({"etc/kubernetes/pki/apiserver.crt": os.urandom(big // 4)})}
         if i == 0:
-            files[etcd_snapshot_name("3.1.0", "1.31.4", TS)] = _tar_gz({f"opt/backup/x.db": os.urandom(big)})
+            files[etcd_snapshot_name("3.1.0", "1.31.4", TS)] = _tar_gz({"opt/backup/x.db": os.urandom(big)})
             files[starvault_snapshot_name("3.1.0", TS)] = os.urandom(big // 2)
         out[node] = files
     return out
@@ -70,14 +70,6 @@ def sha(data: bytes) -> str:
 
 
 # --- Velero -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def moto():
-    p, url = start_moto(ROOT / "moto-files.log")
-    yield url
-    p.terminate()
-    p.wait(10)
-
 
 @pytest.fixture
 def world(fake_kube, moto, tmp_path, request):

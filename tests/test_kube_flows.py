@@ -4,7 +4,9 @@ API server (the tests act as Flux, the CronJob's pods and Velero) and moto's S3 
 from __future__ import annotations
 
 import base64
+import itertools
 import os
+import re
 from datetime import datetime, timezone
 
 import pytest
@@ -13,28 +15,18 @@ import yaml
 from core.names import etcd_snapshot_name, node_archive_name, timestamp
 from flows.cronjob import install_cronjob_backup
 from flows.velero import setup_data_protection, velero_backup
-from tests.helpers import ROOT, make_bucket, needs_schemas, start_moto
+from tests.helpers import make_bucket, needs_schemas
 from tests.kube_world import FLUX, World
 from tests.test_restore import error_of
 
 pytestmark = needs_schemas()
 
 
-@pytest.fixture(scope="module")
-def moto():
-    p, url = start_moto(ROOT / "moto-kube.log")
-    yield url
-    p.terminate()
-    p.wait(10)
-
-
-_buckets = __import__("itertools").count()
+_buckets = itertools.count()
 
 
 @pytest.fixture
 def world(fake_kube, moto, tmp_path, request):
-    import re
-
     bucket = f"velero-{next(_buckets)}-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
     make_bucket(moto, bucket)
     return World(fake_kube, moto, bucket, tmp_path)
