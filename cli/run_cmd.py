@@ -99,7 +99,10 @@ def plan(flow: str, inventory: str = typer.Option(None, "--inventory"),
 
     _flow(flow)
     if flow not in PLANNERS:
-        typer.echo(f"{flow} changes nothing on the cluster: there is no plan to show")
+        from flows.registry import GATED
+
+        typer.echo(f"{flow}: `nova-dr run {flow}` shows its plan before its approval gate" if flow in GATED
+                   else f"{flow} changes nothing on the cluster: there is no plan to show")
         return
     params = parse_params(param)
     if inventory:
