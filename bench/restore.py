@@ -10,33 +10,15 @@ start every member, wait until healthy. Prints medians and the ratio flow/floor.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("NOVA_DR_HOME", tempfile.mkdtemp(prefix="nova-dr-bench-"))
-
-from lab.lab import Lab, etcd_bin_dir  # noqa: E402
+from common import fill  # noqa: E402  (sets up sys.path and the environment first)
+from lab.lab import Lab  # noqa: E402
 from tasks.remote import connect  # noqa: E402
-
-
-def fill(lab: Lab, mb: int) -> None:
-    """1 MiB values (under etcd's 1.5 MiB request limit), so filling is quick."""
-    value = Path(tempfile.mkstemp()[1])
-    value.write_bytes(os.urandom(1 << 20))
-    for i in range(mb):
-        with open(value, "rb") as f:
-            subprocess.run([str(etcd_bin_dir() / "etcdctl"), "put", f"/registry/bench/{i:05d}"], stdin=f,
-                           env=lab.etcdctl_env(), check=True, capture_output=True)
-    value.unlink()
 
 
 def floor(lab: Lab, snap: Path) -> float:

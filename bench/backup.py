@@ -1,0 +1,112 @@
+"""Backup: backup-master-nodes against the plain script an operator would write, in one run
+on a lab, and the memory the flow's process needs for two database sizes.
+
+The floor, per the issue: `etcdctl snapshot save` on a master and `tar -czf` there, a
+`tar -czf` of each master's files there, every archive copied into the store directory, the
+masters in parallel. The flow does the same work (plus checks, a manifest and retention) to
+a directory store, StarVault off on both sides. Prints medians, the ratio, and the peak RSS
+growth of this process during a flow run at --mb and at --small-mb.
+
+    .venv/bin/python bench/backup.py [--masters 3] [--mb 200] [--small-mb 20] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import PeakRSS, fill, timed  # noqa: E402  (sets up sys.path and the environment first)
+from lab.lab import Lab  # noqa: E402
+
+
+def floor(lab: Lab, store: Path) -> None:
+    from core.etcd import etcdctl_env, parse_env_file
+    from tasks.remote import connect
+
+    cluster = lab.cluster()
+    conns = {m.etcd_member: connect(cluster, m) for m in cluster.masters}
+    first = cluster.masters[0]
+
+    def snapshot():
+        c = conns[first.etcd_member]
+        env = parse_env_file(c.run(["cat", first.paths.etcd_env]).stdout)
+        c.run([*etcdctl_env(env, [first.client_url]), first.paths.etcdctl, "snapshot", "save", "/var/tmp/floor.db"],
+              timeout=1800)
+        c.run(["tar", "-czf", "/var/tmp/floor.db.tar.gz", "-C", "/var/tmp", "floor.db"], timeout=1800)
+        c.get_file("/var/tmp/floor.db.tar.gz", store / "floor.db.tar.gz")
+        c.run(["rm", "-f", "/var/tmp/floor.db", "/var/tmp/floor.db.tar.gz"])
+
+    def node(m):
+        c, p = conns[m.etcd_member], m.paths
+        c.run(["tar", "-czf", "/var/tmp/floor-node.tar.gz", "-C", "/", p.pki_dir.lstrip("/"),
+               p.encryption_config.lstrip("/"), p.unseal_tokens.lstrip("/")])
+        c.get_file("/var/tmp/floor-node.tar.gz", store / f"{m.archive_name}-floor.tar.gz")
+        c.run(["rm", "-f", "/var/tmp/floor-node.tar.gz"])
+
+    try:
+        with ThreadPoolExecutor(len(cluster.masters) + 1) as ex:
+            futures = [ex.submit(snapshot)] + [ex.submit(node, m) for m in cluster.masters]
+            for f in futures:
+                f.result()
+    finally:
+        for c in conns.values():
+            c.close()
+
+
+def flow_run(lab: Lab, store: Path) -> None:
+    from flows.backup import backup_master_nodes
+
+    backup_master_nodes(inventory=str(lab.dir / "inventory.yaml"), store=str(store), RETENTION_PERIOD_DAYS=1000)
+
+
+def fresh(store: Path) -> Path:
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    return store
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--masters", type=int, default=3)
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--small-mb", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--net", type=int, default=91)
+    a = ap.parse_args()
+    os.environ["INCLUDE_STARVAULT_DB_BACKUP"] = "false"
+    lab = Lab(Path(tempfile.mkdtemp(prefix="nova-dr-bench-lab-")))
+    lab.up(masters=a.masters, net=a.net)
+    work = Path(tempfile.mkdtemp(prefix="nova-dr-bench-store-"))
+    try:
+        from prefect import flow
+
+        flow(lambda: None, name="warm-up")()  # the embedded server's start is not the backup's
+        fill(lab, a.small_mb)
+        with PeakRSS() as small:
+            flow_run(lab, fresh(work / "small"))
+        fill(lab, a.mb - a.small_mb)
+        floors, flows = [], []
+        for _ in range(a.runs):
+            floors.append(timed(floor, lab, fresh(work / "floor")))
+            with PeakRSS() as big:
+                flows.append(timed(flow_run, lab, fresh(work / "flow")))
+        db = sum(f.stat().st_size for f in (work / "flow").glob("etcd_snapshot_*"))
+        f, g = statistics.median(floors), statistics.median(flows)
+        print(f"\nbackup, {a.masters} masters, database ~{a.mb} MB (etcd archive {db / 1e6:.0f} MB), median of {a.runs}")
+        print(f"{'floor (plain script)':32} {f:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in floors)}")
+        print(f"{'backup-master-nodes':32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows)}")
+        print(f"{'ratio flow/floor':32} {g / f:7.2f} x   (goal: at most 1.0x)")
+        print(f"{'peak RSS growth, flow':32} {small.growth / 2**20:7.1f} MiB at ~{a.small_mb} MB, "
+              f"{big.growth / 2**20:.1f} MiB at ~{a.mb} MB (goal: flat)")
+    finally:
+        lab.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
