@@ -146,7 +146,7 @@ def velero_backup(
     control-plane-backup; then the bucket is checked against what Velero reports."""
     log = get_run_logger()
     cron = k.check_cron(schedule) if schedule else None
-    creds = load_block(S3Credentials, s3_block, "s3_block")
+    creds = None if cron else load_block(S3Credentials, s3_block, "s3_block")  # to check the bucket afterwards
     api = Kube(resolve_kube(kube))
     bsl = api.get_cr(k.VELERO, "backupstoragelocations", k.BACKUP_NS, storage_location)
     if bsl is None:
