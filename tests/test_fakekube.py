@@ -12,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import stream
 
 from tests.fakekube import FakeKube
-from tests.fakekube.server import V4, ExecResult
+from tests.fakekube.common import V4, ExecResult
 from tests.helpers import kube_client, needs_schemas
 
 VELERO = ("velero.io", "v1")

@@ -18,7 +18,7 @@ from prefect.blocks.system import Secret
 
 from core.names import etcd_snapshot_name, node_archive_name, starvault_snapshot_name, timestamp
 from flows.files import restore_files_kopia, restore_files_velero
-from tests.fakekube.server import ExecResult
+from tests.fakekube.common import ExecResult
 from tests.helpers import REPO, make_bucket, needs_schemas
 from tests.kube_world import World
 from tests.test_restore import error_of

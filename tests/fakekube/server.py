@@ -14,7 +14,6 @@ import secrets
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +21,11 @@ import yaml
 from aiohttp import web
 
 from tests.fakekube import patches
+from tests.fakekube.common import V4, V5, ApiError, ExecResult, _api_version, _now  # noqa: F401
+from tests.fakekube.controllers import ControllerMixin
+from tests.fakekube.exec import ExecMixin
 from tests.fakekube.rules import SelectorError, field_matcher, label_matcher, validate
 
-V5, V4 = "v5.channel.k8s.io", "v4.channel.k8s.io"
 
 
 @dataclass
@@ -52,32 +53,11 @@ BUILTIN = [
 NO_STATUS = {"Secret", "ConfigMap", "ServiceAccount"}
 
 
-class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str, details: dict | None = None):
-        super().__init__(message)
-        self.code, self.reason, self.message, self.details = code, reason, message, details or {}
-
-    def body(self) -> dict:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message,
-                "reason": self.reason, "details": self.details, "code": self.code}
-
-
-@dataclass
-class ExecResult:
-    stdout: bytes = b""
-    stderr: bytes = b""
-    exit_code: int = 0
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _spec_part(obj: dict) -> dict:
     return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
 
 
-class FakeKube:
+class FakeKube(ControllerMixin, ExecMixin):
     def __init__(self, token: str | None = None):
         self.token = token or secrets.token_urlsafe(24)
         self.types: dict[tuple[str, str], ResourceType] = {}  # (group, plural)
@@ -161,63 +141,6 @@ class FakeKube:
 
     def later(self, delay: float, fn: Callable[[], None]):
         self.loop.call_soon_threadsafe(self.loop.call_later, delay, fn)
-
-    # --- the store, for the server and for tests acting as controllers ---------------------------
-
-    def get(self, group: str, plural: str, namespace: str | None, name: str) -> dict | None:
-        with self._lock:
-            obj = self.objects.get((group, plural, namespace, name))
-            return copy.deepcopy(obj) if obj else None
-
-    def list(self, group: str, plural: str, namespace: str | None = None) -> list[dict]:
-        with self._lock:
-            return [copy.deepcopy(o) for (g, p, ns, _), o in sorted(self.objects.items())
-                    if g == group and p == plural and (namespace is None or ns == namespace)]
-
-    def put(self, obj: dict, manager: str = "test") -> dict:
-        """Create or replace as a controller would (validation applies, concurrency not)."""
-        group, version = _split_api_version(obj["apiVersion"])
-        rt = self._type_of_kind(group, obj["kind"])
-        ns = obj["metadata"].get("namespace") if rt.namespaced else None
-        with self._lock:
-            old = self.objects.get((group, rt.plural, ns, obj["metadata"]["name"]))
-            return self._write(rt, version, ns, obj["metadata"]["name"], old, copy.deepcopy(obj), manager,
-                               status_write=True)
-
-    def set_status(self, group: str, plural: str, namespace: str | None, name: str, **status):
-        with self._lock:
-            obj = self.get(group, plural, namespace, name)
-            if obj is None:
-                raise KeyError(f"{plural} {namespace}/{name} does not exist")
-            obj["status"] = {**(obj.get("status") or {}), **status}
-            return self.put(obj, manager="controller")
-
-    def set_condition(self, group: str, plural: str, namespace: str, name: str, type_: str, status: str,
-                      reason: str = "", message: str = "", observed_generation: int | None = None):
-        with self._lock:
-            obj = self.get(group, plural, namespace, name)
-            gen = obj["metadata"].get("generation", 1) if observed_generation is None else observed_generation
-            conds = [c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] != type_]
-            conds.append({"type": type_, "status": status, "reason": reason or type_, "message": message,
-                          "lastTransitionTime": _now(), "observedGeneration": gen})
-            return self.set_status(group, plural, namespace, name, conditions=conds, observedGeneration=gen)
-
-    def make_pods(self, owner: dict, nodes: list[str], phase: str = "Running",
-                  name_fn: Callable[[int, str], str] | None = None) -> list[dict]:
-        """Pods a DaemonSet or Job controller would make from the owner's template, one per node."""
-        tmpl = owner["spec"].get("template") or owner["spec"]["jobTemplate"]["spec"]["template"]
-        meta, ns = owner["metadata"], owner["metadata"]["namespace"]
-        pods = []
-        for i, node in enumerate(nodes):
-            name = name_fn(i, node) if name_fn else f"{meta['name']}-{secrets.token_hex(3)[:5]}"
-            pod = {"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": name, "namespace": ns, "labels": dict(tmpl["metadata"].get("labels") or {}),
-                                "ownerReferences": [{"apiVersion": owner["apiVersion"], "kind": owner["kind"],
-                                                     "name": meta["name"], "uid": meta["uid"], "controller": True}]},
-                   "spec": {**copy.deepcopy(tmpl["spec"]), "nodeName": node},
-                   "status": {"phase": phase}}
-            pods.append(self.put(pod, manager="controller"))
-        return pods
 
     # --- HTTP ------------------------------------------------------------------------------------
 
@@ -500,54 +423,3 @@ class FakeKube:
         if body is None or not isinstance(body, (dict, list)):
             raise ApiError(400, "BadRequest", "the body of the request is empty or not an object")
         return body
-
-    # --- exec ------------------------------------------------------------------------------------
-
-    async def _exec_ws(self, request, rt, version, ns, name, sub):
-        with self._lock:
-            pod = self.objects.get(("", "pods", ns, name))
-        if pod is None:
-            raise ApiError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
-        containers = [c["name"] for c in pod["spec"].get("containers", [])]
-        container = request.query.get("container") or (containers[0] if len(containers) == 1 else None)
-        if container not in containers:
-            raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
-        phase = (pod.get("status") or {}).get("phase")
-        if phase in ("Succeeded", "Failed"):
-            raise ApiError(400, "BadRequest", f"cannot exec into a container in a completed pod; current phase is {phase}")
-        command = request.query.getall("command", [])
-        ws = web.WebSocketResponse(protocols=self.exec_protocols, max_msg_size=0)
-        if not ws.can_prepare(request).ok:
-            raise ApiError(400, "BadRequest", "Upgrade request required")
-        await ws.prepare(request)
-        if ws.ws_protocol not in (V5, V4):
-            await ws.close()
-            return ws
-        result = None
-        for handler in self._exec:
-            result = handler(copy.deepcopy(pod), container, command)
-            if result is not None:
-                break
-        if result is None:
-            result = ExecResult(b"", f"fake: nothing registered for {command}\n".encode(), 126)
-        for channel, data in ((1, result.stdout), (2, result.stderr)):
-            for i in range(0, len(data), 32 << 10):
-                await ws.send_bytes(bytes([channel]) + data[i:i + (32 << 10)])
-        if result.exit_code == 0:
-            status = {"metadata": {}, "status": "Success"}
-        else:
-            status = {"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
-                      "message": f"command terminated with non-zero exit code: error executing command {command}, "
-                                 f"exit code {result.exit_code}",
-                      "details": {"causes": [{"reason": "ExitCode", "message": str(result.exit_code)}]}}
-        await ws.send_bytes(b"\x03" + json.dumps(status).encode())
-        await ws.close()
-        return ws
-
-
-def _api_version(group: str, version: str) -> str:
-    return f"{group}/{version}" if group else version
-
-
-def _split_api_version(api_version: str) -> tuple[str, str]:
-    return tuple(api_version.split("/")) if "/" in api_version else ("", api_version)
