@@ -12,15 +12,13 @@ growth of this process during a flow run at --mb and at --small-mb.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import statistics
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import PeakRSS, fill, timed  # noqa: E402  (sets up sys.path and the environment first)
+from common import BenchLab, PeakRSS, fill, parse, report, timed  # noqa: E402  (sets up sys.path and the environment first)
 from lab.lab import Lab  # noqa: E402
 
 
@@ -71,40 +69,26 @@ def fresh(store: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--masters", type=int, default=3)
-    ap.add_argument("--mb", type=int, default=200)
-    ap.add_argument("--small-mb", type=int, default=20)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--net", type=int, default=91)
-    a = ap.parse_args()
+    a = parse(net=91, mb=200, small_mb=20)
     os.environ["INCLUDE_STARVAULT_DB_BACKUP"] = "false"
-    lab = Lab(Path(tempfile.mkdtemp(prefix="nova-dr-bench-lab-")))
-    lab.up(masters=a.masters, net=a.net)
     work = Path(tempfile.mkdtemp(prefix="nova-dr-bench-store-"))
     try:
-        from prefect import flow
-
-        flow(lambda: None, name="warm-up")()  # the embedded server's start is not the backup's
-        fill(lab, a.small_mb)
-        with PeakRSS() as small:
-            flow_run(lab, fresh(work / "small"))
-        fill(lab, a.mb - a.small_mb)
-        floors, flows = [], []
-        for _ in range(a.runs):
-            floors.append(timed(floor, lab, fresh(work / "floor")))
-            with PeakRSS() as big:
-                flows.append(timed(flow_run, lab, fresh(work / "flow")))
-        db = sum(f.stat().st_size for f in (work / "flow").glob("etcd_snapshot_*"))
-        f, g = statistics.median(floors), statistics.median(flows)
-        print(f"\nbackup, {a.masters} masters, database ~{a.mb} MB (etcd archive {db / 1e6:.0f} MB), median of {a.runs}")
-        print(f"{'floor (plain script)':32} {f:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in floors)}")
-        print(f"{'backup-master-nodes':32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows)}")
-        print(f"{'ratio flow/floor':32} {g / f:7.2f} x   (goal: at most 1.0x)")
-        print(f"{'peak RSS growth, flow':32} {small.growth / 2**20:7.1f} MiB at ~{a.small_mb} MB, "
-              f"{big.growth / 2**20:.1f} MiB at ~{a.mb} MB (goal: flat)")
+        with BenchLab(a.masters, a.net) as lab:
+            fill(lab, a.small_mb)
+            with PeakRSS() as small:
+                flow_run(lab, fresh(work / "small"))
+            fill(lab, a.mb - a.small_mb)
+            floors, flows = [], []
+            for _ in range(a.runs):
+                floors.append(timed(floor, lab, fresh(work / "floor")))
+                with PeakRSS() as big:
+                    flows.append(timed(flow_run, lab, fresh(work / "flow")))
+            db = sum(f.stat().st_size for f in (work / "flow").glob("etcd_snapshot_*"))
+            report(f"backup, {a.masters} masters, database ~{a.mb} MB (etcd archive {db / 1e6:.0f} MB)",
+                   "floor (plain script)", "backup-master-nodes", floors, flows, "at most 1.0x")
+            print(f"{'peak RSS growth, flow':32} {small.growth / 2**20:7.1f} MiB at ~{a.small_mb} MB, "
+                  f"{big.growth / 2**20:.1f} MiB at ~{a.mb} MB (goal: flat)")
     finally:
-        lab.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
 

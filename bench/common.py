@@ -61,3 +61,42 @@ def timed(fn, *args, **kw) -> float:
     t0 = time.monotonic()
     fn(*args, **kw)
     return time.monotonic() - t0
+
+
+def parse(net: int, **defaults):
+    """The options every benchmark takes (--masters, --mb, --runs, --net) plus its own."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    for name, value in {"masters": 3, "mb": 10, "runs": 3, "net": net, **defaults}.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    return ap.parse_args()
+
+
+class BenchLab:
+    """A fresh lab for one benchmark, and Prefect's embedded server already started (its start
+    is not what is measured)."""
+
+    def __init__(self, masters: int, net: int):
+        self.masters, self.net = masters, net
+
+    def __enter__(self) -> Lab:
+        from prefect import flow
+
+        self.lab = Lab(Path(tempfile.mkdtemp(prefix="nova-dr-bench-lab-")))
+        self.lab.up(masters=self.masters, net=self.net)
+        flow(lambda: None, name="warm-up")()
+        return self.lab
+
+    def __exit__(self, *exc):
+        self.lab.destroy()
+
+
+def report(title: str, floor_name: str, flow_name: str, floors: list[float], flows: list[float], goal: str) -> None:
+    import statistics
+
+    f, g = statistics.median(floors), statistics.median(flows)
+    print(f"\n{title}, median of {len(floors)}")
+    print(f"{floor_name:32} {f:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in floors)}")
+    print(f"{flow_name:32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows)}")
+    print(f"{'ratio flow/floor':32} {g / f:7.2f} x   (goal: {goal})")

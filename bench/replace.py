@@ -10,14 +10,10 @@ does it with its checks, quarantine and verification. Prints medians and the rat
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from common import fill, timed  # noqa: E402  (sets up sys.path and the environment first)
+from common import BenchLab, fill, parse, report, timed  # noqa: E402  (sets up sys.path and the environment first)
 from lab.lab import Lab  # noqa: E402
 
 VICTIM = "etcd2"
@@ -62,18 +58,8 @@ def flow_run(lab: Lab) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--masters", type=int, default=3)
-    ap.add_argument("--mb", type=int, default=10)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--net", type=int, default=92)
-    a = ap.parse_args()
-    lab = Lab(Path(tempfile.mkdtemp(prefix="nova-dr-bench-lab-")))
-    lab.up(masters=a.masters, net=a.net)
-    try:
-        from prefect import flow
-
-        flow(lambda: None, name="warm-up")()  # the embedded server's start is not the replacement's
+    a = parse(net=92)
+    with BenchLab(a.masters, a.net) as lab:
         fill(lab, a.mb)
         floors, flows = [], []
         for _ in range(a.runs):
@@ -83,13 +69,8 @@ def main() -> None:
             time.sleep(6)
             lab.break_member(VICTIM, "wipe")
             flows.append(timed(flow_run, lab))
-        f, g = statistics.median(floors), statistics.median(flows)
-        print(f"\nmember replacement, {a.masters} masters, ~{a.mb} MB database, median of {a.runs}")
-        print(f"{'floor (etcd rejoin by hand)':32} {f:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in floors)}")
-        print(f"{'replace-etcd-member':32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows)}")
-        print(f"{'ratio flow/floor':32} {g / f:7.2f} x   (goal: within 1.3x)")
-    finally:
-        lab.destroy()
+        report(f"member replacement, {a.masters} masters, ~{a.mb} MB database", "floor (etcd rejoin by hand)",
+               "replace-etcd-member", floors, flows, "within 1.3x")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,12 @@ start every member, wait until healthy. Prints medians and the ratio flow/floor.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import fill  # noqa: E402  (sets up sys.path and the environment first)
+from common import BenchLab, fill, parse, report  # noqa: E402  (sets up sys.path and the environment first)
 from lab.lab import Lab  # noqa: E402
 from tasks.remote import connect  # noqa: E402
 
@@ -57,33 +55,18 @@ def flow_run(lab: Lab, snap: Path) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--masters", type=int, default=3)
-    ap.add_argument("--mb", type=int, default=10)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--net", type=int, default=90)
-    a = ap.parse_args()
-    lab = Lab(Path(tempfile.mkdtemp(prefix="nova-dr-bench-lab-")))
-    lab.up(masters=a.masters, net=a.net)
-    try:
+    a = parse(net=90)
+    with BenchLab(a.masters, a.net) as lab:
         fill(lab, a.mb)
         snap = Path(tempfile.mkdtemp()) / "snapshot.db"
         m1 = lab.master("etcd1")
         lab.etcdctl("snapshot", "save", str(snap), endpoints=[f"https://{m1.address}:2379"])
-        from prefect import flow
-
-        flow(lambda: None, name="warm-up")()  # the embedded server's start is not the restore's
         floors, flows = [], []
         for _ in range(a.runs):
             floors.append(floor(lab, snap))
             flows.append(flow_run(lab, snap))
-        f, g = statistics.median(floors), statistics.median(flows)
-        print(f"\nfull restore, {a.masters} masters, snapshot {snap.stat().st_size / 1e6:.0f} MB, median of {a.runs}")
-        print(f"{'floor (plain SSH, parallel)':32} {f:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in floors)}")
-        print(f"{'restore-etcd-cluster':32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows)}")
-        print(f"{'ratio flow/floor':32} {g / f:7.2f} x   (goal: 1.3x at 200 MB)")
-    finally:
-        lab.destroy()
+        report(f"full restore, {a.masters} masters, snapshot {snap.stat().st_size / 1e6:.0f} MB",
+               "floor (plain SSH, parallel)", "restore-etcd-cluster", floors, flows, "1.3x at 200 MB")
 
 
 if __name__ == "__main__":
