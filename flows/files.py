@@ -177,7 +177,10 @@ def restore_files_velero(
         def pods_running():
             pods = api.pods(k.RESTORE_NS, k.DAEMON_LABEL)
             running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-            return bool(pods) and len(running) == len(pods), running or [p["metadata"]["name"] for p in pods]
+            if pods and len(running) == len(pods):
+                return True, running
+            return False, f"{len(running)} of {len(pods)} Running: " + ", ".join(
+                f"{p['metadata']['name']} {(p.get('status') or {}).get('phase', '?')}" for p in pods)
 
         pods = wait_for(f"restored {k.DAEMONSET} pods in {k.RESTORE_NS} Running", pods_running,
                         timeout_minutes * 60, poll_seconds)
