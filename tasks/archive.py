@@ -11,6 +11,7 @@ import json
 
 from isal import igzip
 
+from core.errors import NovaDRError
 from core.etcd import parse_snapshot_status
 from core.inventory import Master
 from core.pki import PKIEntry, parse_pki_listing, select_pki_files
@@ -66,22 +67,32 @@ def node_archive_members(conn: Connector, master: Master, settings: dict) -> tup
 
 
 class _Gzip:
-    """gzip (isal) onto a store's writer; closing finishes the gzip stream, not the writer."""
+    """gzip (isal) onto a store's writer; closing finishes the gzip stream, not the writer.
+    It keeps the tar stream's length and tail: a whole tar ends with two zero blocks."""
 
     def __init__(self, out):
         self.gz = igzip.GzipFile(fileobj=out, mode="wb", compresslevel=1)
+        self.size, self.tail = 0, b""
 
     def write(self, data) -> int:
+        self.size += len(data)
+        self.tail = (self.tail + bytes(data[-1024:]))[-1024:]
         return self.gz.write(data)
 
     def close(self) -> None:
         self.gz.close()
+
+    def whole_tar(self) -> bool:
+        return self.size >= 1024 and self.size % 512 == 0 and self.tail == bytes(1024)
 
 
 def stream_tar_gz(conn: Connector, argv: list[str], out) -> None:
     gz = _Gzip(out)
     conn.stream(argv, gz)
     gz.close()
+    if not gz.whole_tar():  # never store a cut archive as if it were whole
+        raise NovaDRError(f"{conn.name}: the tar stream of `{' '.join(argv[:3])}` ended early ({gz.size} bytes, "
+                          "no end-of-archive marker); nothing was kept of this file")
 
 
 def store_node_archive(conn: Connector, master: Master, files: list[str], store: BackupStore, name: str) -> tuple[int, str]:

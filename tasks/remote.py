@@ -235,8 +235,11 @@ class SSHConnector:
                         raise _SinkFailed(e) from e
                 elif chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
-                elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
+                elif (chan.eof_received or chan.closed) and chan.exit_status_ready():
+                    # Done only at EOF: sshd may send the exit status while output is still queued
+                    # behind the channel window (seen under load: a tar stream cut short, silently).
+                    if not chan.recv_ready() and not chan.recv_stderr_ready():
+                        break
                 else:
                     if time.monotonic() > deadline:
                         raise socket.timeout()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import time
 
 import pytest
 
@@ -90,3 +92,35 @@ def _secret(v):
     from pydantic import SecretStr
 
     return SecretStr(v)
+
+
+def test_a_slow_reader_gets_every_byte_of_a_stream(lab):
+    """Every byte arrives when the reader is slower than sshd (the window fills, and the
+    command exits long before its output is read): the stream ends at EOF."""
+    c = lab.cluster()
+    conn = connect(c, c.masters[0])
+    got = {"n": 0, "calls": 0}
+
+    class SlowSink:
+        def write(self, data):
+            got["calls"] += 1
+            if got["calls"] < 4:
+                time.sleep(0.5)  # the window fills; `head` exits long before we have read it all
+            got["n"] += len(data)
+
+    conn.stream(["head", "-c", "30000000", "/dev/zero"], SlowSink())
+    assert got["n"] == 30_000_000
+
+
+def test_a_cut_tar_stream_is_refused(tmp_path):
+    from core.errors import NovaDRError
+    from tasks.archive import stream_tar_gz
+    from tasks.remote import LocalConnector
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(os.urandom(200_000))
+    local = LocalConnector("local")
+    out = io.BytesIO()
+    stream_tar_gz(local, ["tar", "-cf", "-", "-C", str(tmp_path / "d"), "."], out)
+    with pytest.raises(NovaDRError, match="ended early"):
+        stream_tar_gz(local, ["sh", "-c", f"tar -cf - -C {tmp_path / 'd'} . | head -c 100000"], io.BytesIO())
