@@ -362,6 +362,11 @@ class Lab:
         for pid in pids:
             if _pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        # KILL lands only once a process leaves uninterruptible sleep (etcd in fsync on a busy
+        # disk): wait for it, so that "down" means the processes are gone.
+        deadline = time.monotonic() + 30
+        while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.state_file.unlink()
         return f"lab down: {len(st['masters'])} masters stopped; files left in {self.dir}"
 
