@@ -153,7 +153,7 @@ def restore_files_velero(
                           f"{k.DAEMONSET}`) and run again. Nothing was changed")
     restore = f"nova-dr-files-{name}"[:50] + datetime.now(timezone.utc).strftime("-%H%M%S")
     scratch = dest / f".nova-dr-{restore}"
-    created = None
+    created, made_scratch = None, False
     try:
         api.create_cr(k.VELERO, "restores", {
             "apiVersion": "/".join(k.VELERO), "kind": "Restore", "metadata": {"name": restore, "namespace": k.BACKUP_NS},
@@ -184,7 +184,8 @@ def restore_files_velero(
 
         pods = wait_for(f"restored {k.DAEMONSET} pods in {k.RESTORE_NS} Running", pods_running,
                         timeout_minutes * 60, poll_seconds)
-        scratch.mkdir(mode=0o700)
+        scratch.mkdir(mode=0o700)  # never an existing dir: only what this run made is removed below
+        made_scratch = True
         futures = {f"pod {p['metadata']['name']} on {p['spec'].get('nodeName', '?')}": copy_pod_files.submit(
             api, p, scratch) for p in pods}
         for f in futures.values():  # every copy ends (retries included) before the scratch dir may go
@@ -193,7 +194,8 @@ def restore_files_velero(
         origin = gather(dest, parts)
         rows, problems = check_set(dest, origin, inventory)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if made_scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
         left = clean_up(api, created) if created else []
         if left:
             log.error("clean-up left behind: %s", "; ".join(left))

@@ -20,7 +20,8 @@ class Kopia:
             raise NovaDRError("no kopia binary on PATH: install kopia (https://kopia.io) on the worker, or pass "
                               "kopia_bin; nothing was done")
         self.bin, self.dir = found, workdir
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A new dir, never an existing one: the flow removes it (private config, restored copies) at the end.
+        self.dir.mkdir(parents=True, exist_ok=False, mode=0o700)
         self._secrets = [password, secret_key]
         self.env = {**os.environ, "KOPIA_PASSWORD": password, "AWS_ACCESS_KEY_ID": access_key,
                     "AWS_SECRET_ACCESS_KEY": secret_key, "KOPIA_CHECK_FOR_UPDATES": "false",
