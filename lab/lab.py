@@ -281,7 +281,7 @@ class Lab:
             f"AuthorizedKeysFile {self.dir}/ssh/authorized_keys\nPermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "Subsystem sftp internal-sftp\nMaxSessions 64\nMaxStartups 64:30:128\nLogLevel ERROR\n"
-            f"SetEnv PATH={nd}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
+            f"SetEnv SHLVL=1 PATH={nd}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
 
     def _start_sshd(self, lm: LabMaster) -> int:
         nd = lm.node_dir

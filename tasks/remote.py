@@ -112,6 +112,16 @@ def _load_known_hosts(client: paramiko.SSHClient, text: str) -> None:
             keys.add(host, entry.key.get_name(), entry.key)
 
 
+def _transport(sock, **kw) -> paramiko.Transport:
+    """AES-GCM first where the server offers it: no separate MAC pass, measured faster than
+    paramiko's default aes128-ctr + hmac-sha2-256 for copies. The rest stay as fallbacks."""
+    t = paramiko.Transport(sock, **kw)
+    opts = t.get_security_options()
+    gcm = tuple(c for c in opts.ciphers if c.endswith("-gcm@openssh.com"))
+    opts.ciphers = gcm + tuple(c for c in opts.ciphers if c not in gcm)
+    return t
+
+
 def _load_private_key(text: str) -> paramiko.PKey:
     for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
         try:
@@ -146,9 +156,13 @@ class SSHConnector:
             pkey=_load_private_key(self._ssh.private_key.get_secret_value()),
             timeout=self._ssh.connect_timeout, banner_timeout=self._ssh.connect_timeout,
             auth_timeout=self._ssh.connect_timeout, allow_agent=False, look_for_keys=False,
+            transport_factory=_transport,
         )
         transport = client.get_transport()
         transport.set_keepalive(15)
+        # Without it every command after the first waits ~40 ms: a small SSH message sits in
+        # Nagle's buffer until the peer's delayed ACK (measured on the lab).
+        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client
 
     def _client_or_connect(self) -> paramiko.SSHClient:
@@ -259,29 +273,45 @@ class SSHConnector:
             raise ConnectionLost(f"{self.name}: connection lost while running `{argv[0]}`: {e}") from None
         return Result(code, "", err.decode(errors="replace"))
 
-    def _sftp(self) -> paramiko.SFTPClient:
-        client = self._client_or_connect()
-        return client.open_sftp()
-
     def put_file(self, local, remote, mode=None) -> None:
-        try:
-            with self._sftp() as sftp:
-                tmp = f"{remote}.part"
-                sftp.put(str(local), tmp, confirm=True)
-                if mode is not None:
-                    sftp.chmod(tmp, mode)
-                sftp.posix_rename(tmp, remote)
-        except (paramiko.SSHException, EOFError) as e:
-            self._drop()
-            raise ConnectionLost(f"{self.name}: connection lost copying to {remote}: {e}") from None
+        # A plain `cat` on an exec channel, not SFTP: measured 1.8x faster with paramiko (SFTP
+        # pays a request and an ack per 32 KiB). Written to .part and renamed, so a cut copy
+        # never has the final name.
+        script = ('umask 077 && cat > "$1.part" && { [ -z "$2" ] || chmod "$2" "$1.part"; } '
+                  '&& mv -f "$1.part" "$1"')
+        argv = ["sh", "-c", script, "put", remote, f"{mode:o}" if mode is not None else ""]
+        with open(local, "rb") as f:  # a missing local file is the caller's error, not the network's
+            chan = self._open_channel()
+            try:
+                chan.settimeout(self._ssh.connect_timeout + 60)
+                chan.exec_command(shell_join(argv))
+                while chunk := f.read(1 << 20):
+                    chan.sendall(chunk)
+                chan.shutdown_write()
+                deadline = time.monotonic() + self._ssh.connect_timeout + 60  # the rename is quick
+                while not chan.status_event.wait(0.5):
+                    if chan.closed or time.monotonic() > deadline:
+                        raise EOFError("no exit status")
+                code = chan.recv_exit_status()
+                err = b""
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                self._drop()
+                raise ConnectionLost(f"{self.name}: connection lost copying to {remote}: {e}") from None
+            finally:
+                chan.close()
+        _check(self.name, argv, Result(code, "", err.decode(errors="replace")), True)
 
     def get_file(self, remote, local) -> None:
+        part = Path(f"{local}.part")
         try:
-            with self._sftp() as sftp:
-                sftp.get(remote, str(local))
-        except (paramiko.SSHException, EOFError) as e:
-            self._drop()
-            raise ConnectionLost(f"{self.name}: connection lost copying {remote}: {e}") from None
+            with open(part, "wb") as f:
+                self.stream(["cat", remote], f)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        part.replace(local)
 
     def _drop(self) -> None:
         with self._lock:

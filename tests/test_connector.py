@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from core.errors import ConnectError
+from core.errors import CommandError, ConnectError
 from tasks.remote import LocalConnector, connect
 
 
@@ -83,9 +83,28 @@ def test_put_get_100mb_round_trip(lab, tmp_path):
     conn.put_file(src, "/var/lib/nova-dr-test-big", mode=0o600)
     conn.get_file("/var/lib/nova-dr-test-big", back)
     remote = conn.run(["sha256sum", "/var/lib/nova-dr-test-big"]).stdout.split()[0]
+    mode = conn.run(["stat", "-c", "%a", "/var/lib/nova-dr-test-big"]).stdout.strip()
     conn.run(["rm", "-f", "/var/lib/nova-dr-test-big"])
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     assert remote == digest == hashlib.sha256(back.read_bytes()).hexdigest()
+    assert mode == "600"
+    assert not (tmp_path / "back.part").exists()
+
+
+def test_put_and_get_failures_name_the_file_and_leave_no_partial_copy(lab, tmp_path):
+    c = lab.cluster()
+    conn = connect(c, c.masters[0])
+    src = tmp_path / "small"
+    src.write_bytes(b"x" * 1000)
+    with pytest.raises(CommandError, match="nova-dr-no-such-dir"):
+        conn.put_file(src, "/var/lib/nova-dr-no-such-dir/file", mode=0o600)
+    with pytest.raises(CommandError, match="nova-dr-no-such-file"):
+        conn.get_file("/var/lib/nova-dr-no-such-file", tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+    with pytest.raises(FileNotFoundError):
+        conn.put_file(tmp_path / "missing", "/var/lib/nova-dr-test-missing")
+    assert conn.run(["test", "-e", "/var/lib/nova-dr-test-missing.part"], check=False).code == 1
+    assert conn.run(["echo", "still usable"]).stdout == "still usable\n"
 
 
 def _secret(v):
