@@ -18,11 +18,12 @@ os.environ.setdefault("NOVA_DR_HOME", tempfile.mkdtemp(prefix="nova-dr-bench-"))
 from lab.lab import Lab, etcd_bin_dir  # noqa: E402
 
 
-def fill(lab: Lab, mb: int) -> None:
-    """1 MiB values (under etcd's 1.5 MiB request limit), so filling is quick."""
+def fill(lab: Lab, mb: int, start: int = 0) -> None:
+    """1 MiB values (under etcd's 1.5 MiB request limit), so filling is quick. `start` numbers
+    the keys on from an earlier fill."""
     value = Path(tempfile.mkstemp()[1])
     value.write_bytes(os.urandom(1 << 20))
-    for i in range(mb):
+    for i in range(start, start + mb):
         with open(value, "rb") as f:
             subprocess.run([str(etcd_bin_dir() / "etcdctl"), "put", f"/registry/bench/{i:05d}"], stdin=f,
                            env=lab.etcdctl_env(), check=True, capture_output=True)
@@ -63,6 +64,61 @@ def timed(fn, *args, **kw) -> float:
     return time.monotonic() - t0
 
 
+def busy(intervals: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one command was running (the union of the intervals)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+class FlowTimes:
+    """Wall time of each flow run, and its orchestration overhead: the wall time during which
+    no SSH command was running anywhere (Prefect, planning, Python, local hashing)."""
+
+    def __init__(self):
+        self.walls: list[float] = []
+        self.overheads: list[float] = []
+
+    def run(self, fn, *args, **kw) -> float:
+        from tasks.remote import record_commands
+
+        with record_commands() as log:
+            wall = timed(fn, *args, **kw)
+        self.walls.append(wall)
+        self.overheads.append(wall - busy(log))
+        return wall
+
+
+def prefect_costs(tasks: int = 20) -> tuple[float, float]:
+    """Prefect's own costs on this machine, measured in this process: an empty flow's run, and
+    each task of a chain of no-op tasks (created, run, result kept, as our steps are)."""
+    import statistics
+
+    from prefect import flow, task
+
+    @task(persist_result=False)
+    def noop(x):
+        return x
+
+    @flow(name="bench-empty")
+    def empty():
+        return None
+
+    @flow(name="bench-chain")
+    def chain():
+        x = 0
+        for _ in range(tasks):
+            x = noop.submit(x).result()
+        return x
+
+    base = statistics.median(timed(empty) for _ in range(3))
+    per_task = (statistics.median(timed(chain) for _ in range(3)) - base) / tasks
+    return base, per_task
+
+
 def parse(net: int, **defaults):
     """The options every benchmark takes (--masters, --mb, --runs, --net) plus its own."""
     import argparse
@@ -92,11 +148,25 @@ class BenchLab:
         self.lab.destroy()
 
 
-def report(title: str, floor_name: str, flow_name: str, floors: list[float], flows: list[float], goal: str) -> None:
+def report(title: str, floor_name: str, flow_name: str, floors: list[float], flows: "list[float] | FlowTimes",
+           goal: str) -> float:
     import statistics
 
+    times = flows if isinstance(flows, FlowTimes) else None
+    flows = times.walls if times else flows
     f, g = statistics.median(floors), statistics.median(flows)
     print(f"\n{title}, median of {len(floors)}")
     print(f"{floor_name:32} {f:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in floors)}")
     print(f"{flow_name:32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows)}")
     print(f"{'ratio flow/floor':32} {g / f:7.2f} x   (goal: {goal})")
+    if times:
+        o = statistics.median(times.overheads)
+        print(f"{'orchestration overhead':32} {o:7.2f} s   (flow wall time with no SSH command running: "
+              f"{100 * o / g:.0f}% of the flow)")
+    return g / f
+
+
+def report_prefect_costs() -> None:
+    base, per_task = prefect_costs()
+    print(f"{'Prefect: an empty flow run':32} {base:7.2f} s")
+    print(f"{'Prefect: each task in a chain':32} {per_task:7.3f} s")

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from core.errors import CommandError, NovaDRError
 from core.etcd import parse_env_file, summarize_log
 from core.plan import Step
-from flows.machinery import Run
+from flows.machinery import Run, each_master
 from tasks import datadir, etcd, service
 from tasks.etcd import read_etcd_env
 
@@ -133,20 +133,18 @@ def wait_caught_up(run: Run, step: Step, up: dict) -> dict:
                 return {"applied_index": mine.raft_applied_index, "leader_applied_index_before": leader.raft_applied_index}
             seen = (f"healthy, applied index {mine.raft_applied_index if mine else '?'} vs leader's "
                     f"{leader.raft_applied_index if leader else '?'}")
-        time.sleep(0.5)
+        time.sleep(0.2)
     nxt = step.args.get("next", f"replace-etcd-member --param member={member}")
     raise NovaDRError(f"{member} did not catch up within {timeout:g}s ({seen}). "
                       f"Last log lines: {_logs(run, member)}. Next: {nxt}")
 
 
 def _statuses(run: Run, masters=None) -> list:
-    out = []
-    for m in masters or run.cluster.masters:
+    def read(m):
         conn = run.conn(m.etcd_member)
-        st = etcd.read_endpoint_status(conn, m, read_etcd_env(conn, m))
-        if st:
-            out.append(st)
-    return out
+        return etcd.read_endpoint_status(conn, m, read_etcd_env(conn, m))
+
+    return [st for st in each_master(masters or run.cluster.masters, read) if st]
 
 
 def verify_members(run: Run, step: Step, up: dict) -> dict:
@@ -165,11 +163,13 @@ def verify_members(run: Run, step: Step, up: dict) -> dict:
 
 def read_status_rows(run: Run, masters) -> tuple[list[dict], list[str]]:
     """Each member's own endpoint status, as rows; the members that did not answer."""
-    rows, silent = [], []
-    for m in masters:
+    def read(m):
         conn = run.conn(m.etcd_member)
         env = read_etcd_env(conn, m)
-        st = etcd.read_endpoint_status(conn, m, env)
+        return m, env, etcd.read_endpoint_status(conn, m, env)
+
+    rows, silent = [], []
+    for m, env, st in each_master(masters, read):
         if st is None:
             silent.append(f"{m.etcd_member} does not answer endpoint status")
             continue
@@ -205,10 +205,12 @@ def _verify_once(run: Run, names: list[str], with_hashkv: bool) -> tuple[list[di
         problems.append(f"applied index not converged (highest was {ahead}): {', '.join(behind)}")
     if with_hashkv:
         rev = min(r["revision"] for r in rows)
-        for r in rows:
+
+        def hashkv(r):
             m = run.cluster.master(r["member"])
-            conn = run.conn(m.etcd_member)
-            r["hashkv"] = etcd.read_hashkv(conn, m, r["_env"], rev).hash
+            r["hashkv"] = etcd.read_hashkv(run.conn(m.etcd_member), m, r["_env"], rev).hash
+
+        each_master(rows, hashkv)
         if len({r["hashkv"] for r in rows}) > 1:
             problems.append(f"hashkv at revision {rev} differs: " + ", ".join(f"{r['member']}={r['hashkv']}" for r in rows))
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], problems

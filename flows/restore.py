@@ -126,12 +126,15 @@ def verify_once(run: Run, expected_revision: int) -> tuple[list[dict], list[str]
     if problems:
         return rows, problems
     rev = min(r["revision"] for r in rows)
-    for r in rows:
+
+    def hash_and_count(r):
         m = cluster.master(r["member"])
         conn, env = run.conn(m.etcd_member), r.pop("_env")
         r.pop("_id")
         r["hashkv"] = etcd.read_hashkv(conn, m, env, rev).hash
         r["live_keys"] = etcd.count_live_keys(conn, m, env)
+
+    mc.each_master(rows, hash_and_count)
     leaders = [r["member"] for r in rows if r["leader"]]
     if len(leaders) != 1:
         problems.append(f"{len(leaders)} leaders ({', '.join(leaders) or 'none'})")

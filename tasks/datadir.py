@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from core.errors import NovaDRError
+from core.errors import CommandError, NovaDRError
 from core.etcd import set_env_var
 from core.facts import parse_probe
 from core.inventory import Master
@@ -89,13 +89,14 @@ def copy_snapshot(conn: Connector, master: Master, local_db: str, sha256: str, r
     target = f"{wd}/snapshot.db"
     if remote_sha256(conn, target) == sha256:
         return "already there"
-    conn.run(["mkdir", "-p", wd])
-    conn.run(["chmod", "0700", master.paths.data_dir, wd])
-    conn.put_file(local_db, target, mode=0o600)
-    got = remote_sha256(conn, target)
-    if got != sha256:
-        raise NovaDRError(f"{master.node}: the snapshot copied to {target} has sha256 {got}, expected {sha256}; "
-                          "check the master's disk")
+    conn.run(["sh", "-c", 'mkdir -p "$1" && chmod 0700 "$2" "$1"', "mkdir", wd, master.paths.data_dir])
+    try:
+        conn.put_file(local_db, target, mode=0o600, sha256=sha256)
+    except CommandError as e:
+        if e.code != 3:
+            raise
+        raise NovaDRError(f"{master.node}: the snapshot copied to {target} did not check out ({e.stderr.strip()}); "
+                          "check the master's disk") from None
     return "copied"
 
 
