@@ -144,8 +144,12 @@ class BenchLab:
         flow(lambda: None, name="warm-up")()
         return self.lab
 
-    def __exit__(self, *exc):
-        self.lab.destroy()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.lab.destroy()
+        else:  # keep the masters' logs for a look
+            self.lab.down()
+            print(f"benchmark failed; the lab's files are kept in {self.lab.dir}")
 
 
 def report(title: str, floor_name: str, flow_name: str, floors: list[float], flows: "list[float] | FlowTimes",
