@@ -40,8 +40,8 @@ def build_restore_plan(cluster: Cluster, facts: ClusterFacts, recovery_id: str, 
     work = {m.etcd_member: f"{m.paths.data_dir}/nova-dr-{recovery_id}" for m in cluster.masters}
     for m in cluster.masters:
         add(f"copy-snapshot@{m.etcd_member}", "copy_snapshot", m.etcd_member,
-            "Copy the snapshot to the master (SFTP) and check its sha256",
-            f"sftp put {snapshot_name} {work[m.etcd_member]}/snapshot.db")
+            "Copy the snapshot to the master over SSH (the staging restore checks its sha256 trailer)",
+            f"cat {snapshot_name} | ssh {m.node} 'cat > {work[m.etcd_member]}/snapshot.db'")
     add("check-snapshot", "check_snapshot", first, "Read the snapshot's revision and hash (snapshot status)",
         f"etcdutl snapshot status {work[first]}/snapshot.db -w json", deps=[f"copy-snapshot@{first}"])
     for m in cluster.masters:

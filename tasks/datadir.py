@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from core.errors import CommandError, NovaDRError
+from core.errors import NovaDRError
 from core.etcd import set_env_var
 from core.facts import parse_probe
 from core.inventory import Master
@@ -90,13 +90,10 @@ def copy_snapshot(conn: Connector, master: Master, local_db: str, sha256: str, r
     if remote_sha256(conn, target) == sha256:
         return "already there"
     conn.run(["sh", "-c", 'mkdir -p "$1" && chmod 0700 "$2" "$1"', "mkdir", wd, master.paths.data_dir])
-    try:
-        conn.put_file(local_db, target, mode=0o600, sha256=sha256)
-    except CommandError as e:
-        if e.code != 3:
-            raise
-        raise NovaDRError(f"{master.node}: the snapshot copied to {target} did not check out ({e.stderr.strip()}); "
-                          "check the master's disk") from None
+    # No second hash pass over the copy: SSH checks every byte in transit, the copy gets its
+    # name only once complete, and the staging restore on this master checks the snapshot's
+    # own sha256 trailer before anything stops (a pass per master cost ~1 s at 250 MB).
+    conn.put_file(local_db, target, mode=0o600)
     return "copied"
 
 

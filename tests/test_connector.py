@@ -107,20 +107,6 @@ def test_put_and_get_failures_name_the_file_and_leave_no_partial_copy(lab, tmp_p
     assert conn.run(["echo", "still usable"]).stdout == "still usable\n"
 
 
-def test_a_put_with_a_hash_keeps_only_a_copy_that_matches(lab, tmp_path):
-    c = lab.cluster()
-    conn = connect(c, c.masters[0])
-    src = tmp_path / "small"
-    src.write_bytes(b"nova" * 1000)
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    with pytest.raises(CommandError, match=f"sha256 of the copy is {digest}, expected 0000"):
-        conn.put_file(src, "/var/lib/nova-dr-test-hash", sha256="0" * 64)
-    assert conn.run(["ls", "/var/lib"]).stdout.count("nova-dr-test-hash") == 0  # neither the file nor .part
-    conn.put_file(src, "/var/lib/nova-dr-test-hash", sha256=digest)
-    assert conn.run(["sha256sum", "/var/lib/nova-dr-test-hash"]).stdout.split()[0] == digest
-    conn.run(["rm", "-f", "/var/lib/nova-dr-test-hash"])
-
-
 def _secret(v):
     from pydantic import SecretStr
 
