@@ -18,7 +18,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import BenchLab, PeakRSS, fill, parse, report, timed  # noqa: E402  (sets up sys.path and the environment first)
+from common import BenchLab, FlowTimes, PeakRSS, fill, parse, report, timed  # noqa: E402  (sets up sys.path and the environment first)
 from lab.lab import Lab  # noqa: E402
 
 
@@ -77,12 +77,12 @@ def main() -> None:
             fill(lab, a.small_mb)
             with PeakRSS() as small:
                 flow_run(lab, fresh(work / "small"))
-            fill(lab, a.mb - a.small_mb)
-            floors, flows = [], []
+            fill(lab, a.mb - a.small_mb, start=a.small_mb)
+            floors, flows = [], FlowTimes()
             for _ in range(a.runs):
                 floors.append(timed(floor, lab, fresh(work / "floor")))
                 with PeakRSS() as big:
-                    flows.append(timed(flow_run, lab, fresh(work / "flow")))
+                    flows.run(flow_run, lab, fresh(work / "flow"))
             db = sum(f.stat().st_size for f in (work / "flow").glob("etcd_snapshot_*"))
             report(f"backup, {a.masters} masters, database ~{a.mb} MB (etcd archive {db / 1e6:.0f} MB)",
                    "floor (plain script)", "backup-master-nodes", floors, flows, "at most 1.0x")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 
-from common import BenchLab, fill, parse, report, timed  # noqa: E402  (sets up sys.path and the environment first)
+from common import BenchLab, FlowTimes, fill, parse, report, timed  # noqa: E402  (sets up sys.path and the environment first)
 from lab.lab import Lab  # noqa: E402
 
 VICTIM = "etcd2"
@@ -61,14 +61,14 @@ def main() -> None:
     a = parse(net=92)
     with BenchLab(a.masters, a.net) as lab:
         fill(lab, a.mb)
-        floors, flows = [], []
+        floors, flows = [], FlowTimes()
         for _ in range(a.runs):
             time.sleep(6)  # peers connected for a while: etcd refuses reconfiguration right after restarts
             lab.break_member(VICTIM, "wipe")
             floors.append(timed(floor, lab))
             time.sleep(6)
             lab.break_member(VICTIM, "wipe")
-            flows.append(timed(flow_run, lab))
+            flows.run(flow_run, lab)
         report(f"member replacement, {a.masters} masters, ~{a.mb} MB database", "floor (etcd rejoin by hand)",
                "replace-etcd-member", floors, flows, "within 1.3x")
 
