@@ -41,10 +41,11 @@ def floor(lab: Lab, store: Path) -> None:
 
     def node(m):
         c, p = conns[m.etcd_member], m.paths
-        c.run(["tar", "-czf", "/var/tmp/floor-node.tar.gz", "-C", "/", p.pki_dir.lstrip("/"),
-               p.encryption_config.lstrip("/"), p.unseal_tokens.lstrip("/")])
-        c.get_file("/var/tmp/floor-node.tar.gz", store / f"{m.archive_name}-floor.tar.gz")
-        c.run(["rm", "-f", "/var/tmp/floor-node.tar.gz"])
+        tmp = f"/var/tmp/floor-node-{m.etcd_member}.tar.gz"  # the lab's masters share /var/tmp
+        c.run(["tar", "-czf", tmp, "-C", "/", p.pki_dir.lstrip("/"), p.encryption_config.lstrip("/"),
+               p.unseal_tokens.lstrip("/")])
+        c.get_file(tmp, store / f"{m.archive_name}-floor.tar.gz")
+        c.run(["rm", "-f", tmp])
 
     try:
         with ThreadPoolExecutor(len(cluster.masters) + 1) as ex:
