@@ -315,9 +315,14 @@ class SSHConnector:
             try:
                 chan.settimeout(self._ssh.connect_timeout + 60)
                 chan.exec_command(shell_join(argv))
-                while chunk := f.read(1 << 20):
-                    chan.sendall(chunk)
-                chan.shutdown_write()
+                try:
+                    while chunk := f.read(1 << 20):
+                        chan.sendall(chunk)
+                    chan.shutdown_write()
+                except (paramiko.SSHException, OSError, EOFError):
+                    # The command may have ended early (no such dir, disk full): say why it did.
+                    if not chan.status_event.wait(5):
+                        raise
                 deadline = time.monotonic() + self._ssh.connect_timeout + 60  # the rename is quick
                 while not chan.status_event.wait(0.5):
                     if chan.closed or time.monotonic() > deadline:

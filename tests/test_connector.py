@@ -95,7 +95,7 @@ def test_put_and_get_failures_name_the_file_and_leave_no_partial_copy(lab, tmp_p
     c = lab.cluster()
     conn = connect(c, c.masters[0])
     src = tmp_path / "small"
-    src.write_bytes(b"x" * 1000)
+    src.write_bytes(os.urandom(8 << 20))  # more than the channel's window: the command ends while we send
     with pytest.raises(CommandError, match="nova-dr-no-such-dir"):
         conn.put_file(src, "/var/lib/nova-dr-no-such-dir/file", mode=0o600)
     with pytest.raises(CommandError, match="nova-dr-no-such-file"):
