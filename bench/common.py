@@ -152,22 +152,17 @@ class BenchLab:
             print(f"benchmark failed; the lab's files are kept in {self.lab.dir}")
 
 
-def report(title: str, floor_name: str, flow_name: str, floors: list[float], flows: "list[float] | FlowTimes",
-           goal: str) -> float:
+def report(title: str, floor_name: str, flow_name: str, floors: list[float], flows: FlowTimes, goal: str) -> None:
     import statistics
 
-    times = flows if isinstance(flows, FlowTimes) else None
-    flows = times.walls if times else flows
-    f, g = statistics.median(floors), statistics.median(flows)
+    f, g = statistics.median(floors), statistics.median(flows.walls)
+    o = statistics.median(flows.overheads)
     print(f"\n{title}, median of {len(floors)}")
     print(f"{floor_name:32} {f:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in floors)}")
-    print(f"{flow_name:32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows)}")
+    print(f"{flow_name:32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows.walls)}")
     print(f"{'ratio flow/floor':32} {g / f:7.2f} x   (goal: {goal})")
-    if times:
-        o = statistics.median(times.overheads)
-        print(f"{'orchestration overhead':32} {o:7.2f} s   (flow wall time with no SSH command running: "
-              f"{100 * o / g:.0f}% of the flow)")
-    return g / f
+    print(f"{'orchestration overhead':32} {o:7.2f} s   (flow wall time with no SSH command running: "
+          f"{100 * o / g:.0f}% of the flow)")
 
 
 def report_prefect_costs() -> None:

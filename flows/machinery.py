@@ -113,7 +113,7 @@ def read_master_facts(run: Run, member: str) -> MasterFacts:
         conn = run.conn(member)
         env = etcd.read_etcd_env(conn, m)
         # Independent reads, each on its own channel of the one connection: every SSH command
-        # costs a round trip (~0.2 s on the lab), so one after another they made the preflight slow.
+        # costs a round trip, and a dead member's etcdctl waits out its dial timeout.
         with ThreadPoolExecutor(5) as ex:
             health = ex.submit(etcd.check_endpoint_health, conn, m, env)
             stat = ex.submit(etcd.read_endpoint_status, conn, m, env)

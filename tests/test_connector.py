@@ -134,7 +134,6 @@ def test_a_slow_reader_gets_every_byte_of_a_stream(lab):
 def test_a_cut_tar_stream_is_refused(tmp_path):
     from core.errors import NovaDRError
     from tasks.archive import stream_tar_gz
-    from tasks.remote import LocalConnector
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_bytes(os.urandom(200_000))
