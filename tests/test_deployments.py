@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,15 +44,30 @@ def served(tmp_path_factory):
 
 def curl(*args: str) -> dict:
     """As incident tooling should call it: retrying a transient error (the test server's SQLite
-    can answer 5xx under load), which the idempotency key makes safe."""
-    p = subprocess.run(["curl", "-sS", "--fail-with-body", "--retry", "3", "--retry-all-errors", "--retry-delay", "1",
-                        *args], capture_output=True, text=True)
-    assert p.returncode == 0, f"curl {args[-1][:80]}: exit {p.returncode}: {p.stdout[:500]} {p.stderr[:300]}"
-    return json.loads(p.stdout)
+    can answer 5xx under load), which the idempotency key makes safe. The body goes to a file
+    with -o: curl truncates a file before each retry, but on stdout a failed attempt's body
+    stays in front of the answer (seen in CI: a 503 body, then the run)."""
+    with tempfile.NamedTemporaryFile("r") as out:
+        p = subprocess.run(["curl", "-sS", "--fail-with-body", "--retry", "3", "--retry-all-errors", "--retry-delay",
+                            "1", "-o", out.name, *args], capture_output=True, text=True)
+        body = out.read()
+    assert p.returncode == 0, f"curl {args[-1][:80]}: exit {p.returncode}: {body[:500]} {p.stderr[:300]}"
+    return json.loads(body)
+
+
+def api(method: str, path: str, **kw):
+    """One REST call, retried while the test server's SQLite answers 5xx under load."""
+    for _ in range(5):
+        r = httpx.request(method, f"{API}{path}", **kw)
+        if r.status_code < 500:
+            break
+        time.sleep(1)
+    r.raise_for_status()
+    return r.json()
 
 
 def state_of(run_id: str) -> str:
-    return httpx.get(f"{API}/flow_runs/{run_id}").json()["state"]["type"]
+    return api("GET", f"/flow_runs/{run_id}")["state"]["type"]
 
 
 def wait_state(run_id: str, want: set[str], timeout: float) -> str:
@@ -64,11 +80,11 @@ def wait_state(run_id: str, want: set[str], timeout: float) -> str:
 
 
 def test_scheduled_deployments_exist(served):
-    nightly = httpx.get(f"{API}/deployments/name/backup-master-nodes/nightly").json()
-    verify = httpx.get(f"{API}/deployments/name/verify-backups/daily-verify").json()
+    nightly = api("GET", "/deployments/name/backup-master-nodes/nightly")
+    verify = api("GET", "/deployments/name/verify-backups/daily-verify")
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 4 * * *"]
     assert [s["schedule"]["cron"] for s in verify["schedules"]] == ["30 5 * * *"]
-    restore = httpx.get(f"{API}/deployments/name/restore-etcd-cluster/on-demand").json()
+    restore = api("GET", "/deployments/name/restore-etcd-cluster/on-demand")
     assert restore["schedules"] == []
     props = restore["parameter_openapi_schema"]["properties"]
     assert "block:NAME" in props["inventory"]["description"] and props["auto_approve"]["default"] is False
@@ -98,7 +114,7 @@ def test_incident_tooling_restores_over_the_rest_api(served, lab3, tmp_path):
 def _task_window(run_id: str) -> tuple[float, float]:
     from datetime import datetime
 
-    runs = httpx.post(f"{API}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    runs = api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}})
     starts = [datetime.fromisoformat(r["start_time"]).timestamp() for r in runs if r["start_time"]]
     ends = [datetime.fromisoformat(r["end_time"]).timestamp() for r in runs if r["end_time"]]
     return min(starts), max(ends)
