@@ -121,11 +121,12 @@ class Lab:
         return load_inventory_file(self.dir / "inventory.yaml")
 
     def etcd_pid(self, member: str) -> int:
-        """The member's etcd pid, or 0 when it is not running: the lab's systemctl records the
-        pid with the process's start time, and a pid reused by another process does not count."""
+        """The member's etcd pid, or 0 when it is not running (a zombie counts as dead, as in the
+        lab's systemctl): the pid file holds the pid with the process's start time, and a pid
+        reused by another process does not count."""
         try:
             pid, started = (Path(self.master(member).node_dir) / "run" / "etcd.pid").read_text().split()
-            return int(pid) if _start_time(int(pid)) == started else 0
+            return int(pid) if _pid_alive(int(pid)) and _start_time(int(pid)) == started else 0
         except (OSError, ValueError):
             return 0
 

@@ -251,13 +251,17 @@ class SSHConnector:
         return _check(self.name, argv, self._exec(argv, sink, timeout, None), True)
 
     def _open_channel(self):
-        client = self._client_or_connect()
-        try:
-            return client.get_transport().open_session(timeout=self._ssh.connect_timeout)
-        except (paramiko.SSHException, OSError, EOFError, AttributeError):
-            # The channel never opened, so the command never ran: safe to reconnect and go on.
-            self._drop()
-            return self._client_or_connect().get_transport().open_session(timeout=self._ssh.connect_timeout)
+        last: Exception | None = None
+        for _ in range(3):
+            client = self._client_or_connect()
+            transport = client.get_transport()
+            try:
+                return transport.open_session(timeout=self._ssh.connect_timeout)
+            except (paramiko.SSHException, OSError, EOFError, AttributeError) as e:
+                # The channel never opened, so the command never ran: safe to reconnect and go on.
+                self._drop(transport)
+                last = e
+        raise ConnectionLost(f"{self.name}: could not open an SSH channel: {last!r}")
 
     def _exec(self, argv, sink, timeout: float, stdin: bytes | None) -> Result:
         with _recorded():
@@ -282,18 +286,20 @@ class SSHConnector:
                         raise _SinkFailed(e) from e
                 elif chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
-                elif (chan.eof_received or chan.closed) and chan.exit_status_ready():
+                elif chan.eof_received and chan.exit_status_ready():
                     # Done only at EOF: sshd may send the exit status while output is still queued
                     # behind the channel window (seen under load: a tar stream cut short, silently).
                     if not chan.recv_ready() and not chan.recv_stderr_ready():
                         break
+                elif chan.closed:
+                    # Closed with no EOF: the connection dropped, even if an exit status of 0 came
+                    # first, and output may be missing (seen: `echo` answered 0 with no output).
+                    raise EOFError("channel closed before the command's output ended")
                 else:
                     if time.monotonic() > deadline:
                         raise socket.timeout()
-                    if chan.closed and not chan.exit_status_ready():
-                        raise EOFError("channel closed")
                     time.sleep(0.002)
-            code = chan.recv_exit_status()
+            code = _exit_code(chan)
         except _SinkFailed as e:
             chan.close()
             raise e.original from None
@@ -301,9 +307,9 @@ class SSHConnector:
             chan.close()
             raise CommandError(self.name, list(argv), -1, "", f"timed out after {timeout:.0f}s") from None
         except (paramiko.SSHException, OSError, EOFError) as e:
-            self._drop()
+            self._drop(chan.get_transport())
             # The command may or may not have run: the caller re-reads state before retrying.
-            raise ConnectionLost(f"{self.name}: connection lost while running `{argv[0]}`: {e}") from None
+            raise ConnectionLost(f"{self.name}: connection lost while running `{argv[0]}`: {e!r}") from None
         return Result(code, "", err.decode(errors="replace"))
 
     def put_file(self, local, remote, mode=None) -> None:
@@ -327,13 +333,13 @@ class SSHConnector:
                 while not chan.status_event.wait(0.5):
                     if chan.closed or time.monotonic() > deadline:
                         raise EOFError("no exit status")
-                code = chan.recv_exit_status()
+                code = _exit_code(chan)
                 err = b""
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
             except (paramiko.SSHException, OSError, EOFError) as e:
-                self._drop()
-                raise ConnectionLost(f"{self.name}: connection lost copying to {remote}: {e}") from None
+                self._drop(chan.get_transport())
+                raise ConnectionLost(f"{self.name}: connection lost copying to {remote}: {e!r}") from None
             finally:
                 chan.close()
         # Named by what it does: the script itself would make an unreadable message.
@@ -349,14 +355,30 @@ class SSHConnector:
             raise
         part.replace(local)
 
-    def _drop(self) -> None:
+    def _drop(self, transport: paramiko.Transport | None = None) -> None:
+        """Close the connection, or only if it is still the one that failed: steps on one master
+        share it, and another thread may already have reconnected (closing that new connection
+        made its command fail too; seen in CI)."""
         with self._lock:
-            if self._client is not None:
+            if self._client is None:
+                return
+            if transport is None or self._client.get_transport() is transport:
                 self._client.close()
                 self._client = None
 
     def close(self) -> None:
         self._drop()
+
+
+def _exit_code(chan: paramiko.Channel) -> int:
+    """The command's exit status. paramiko reports -1 when the channel closed without one: the
+    connection dropped (the command may or may not have run), or sshd sent exit-signal instead."""
+    code = chan.recv_exit_status()
+    if code == -1:
+        t = chan.get_transport()
+        if t is None or not t.is_active():
+            raise EOFError("connection closed before the command's exit status")
+    return code
 
 
 _PUT_SCRIPT = """umask 077 && cat > "$1.part" || { rm -f "$1.part"; exit 1; }

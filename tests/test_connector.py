@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import time
 
 import pytest
 
-from core.errors import CommandError, ConnectError
+from core.errors import CommandError, ConnectError, ConnectionLost
 from tasks.remote import LocalConnector, connect
 
 
@@ -71,6 +72,42 @@ def test_dropped_connection_is_reopened(lab):
     assert conn.run(["echo", "one"]).stdout == "one\n"
     conn._client.get_transport().sock.close()  # the network drops under us
     assert conn.run(["echo", "two"]).stdout == "two\n"
+
+
+def test_a_connection_dropped_under_parallel_steps_fails_only_commands_in_flight(lab):
+    """Steps on one master share its connection. When it drops, each thread's failed channel
+    open must reopen it without closing the connection another thread just opened (seen in CI:
+    a step failed with a bare EOFError and was not retried). A command in flight may fail, but
+    only as ConnectionLost, which the flows retry."""
+    c = lab.cluster()
+    conn = connect(c, c.masters[0])
+    assert conn.run(["true"]).code == 0
+    outcomes: list[str] = []
+
+    def work(i: int):
+        for j in range(25):
+            try:
+                out = conn.run(["echo", f"{i}-{j}"]).stdout
+                outcomes.append("ok" if out == f"{i}-{j}\n" else f"wrong output {out!r}")
+            except ConnectionLost:
+                outcomes.append("lost")
+            except Exception as e:  # anything else is a defect
+                outcomes.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for _ in range(6):
+        time.sleep(0.15)
+        if conn._client is not None:
+            conn._client.get_transport().sock.close()  # the network drops under every thread
+    for t in threads:
+        t.join(120)
+    bad = [o for o in outcomes if o not in ("ok", "lost")]
+    assert len(outcomes) == 150 and not bad, bad[:5]
+    # At most the commands in flight at each drop: one per thread.
+    assert outcomes.count("lost") <= 6 * 6, outcomes.count("lost")
+    assert conn.run(["echo", "after"]).stdout == "after\n"
 
 
 def test_put_get_100mb_round_trip(lab, tmp_path):
