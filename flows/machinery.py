@@ -312,6 +312,10 @@ def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: d
     plan = make_plan(before)
     log.info("%s", plan.text())
     publish(f"{slug(plan.flow)}-plan", plan.markdown(), f"What {plan.flow} will do")
+    if not auto_approve:
+        # An approval can take hours: no SSH connection is held open (and left to die behind
+        # a firewall) meanwhile. The re-check after it connects again.
+        run.close()
     approval = approval_gate(plan, auto_approve, approval_timeout_minutes)
     if not auto_approve:
         ensure_plan_unchanged(plan, make_plan(preflight(run)))

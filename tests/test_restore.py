@@ -172,6 +172,17 @@ def _wait_paused(out: dict, timeout: float = 120) -> str:
     return run_id
 
 
+def ssh_sessions(lab) -> dict[str, int]:
+    """Connections each master's sshd serves now: the children of its listener."""
+    def ppid(d: Path) -> int:
+        try:
+            return int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+    procs = [d for d in Path("/proc").iterdir() if d.name.isdigit()]
+    return {m.member: sum(ppid(d) == m.sshd_pid for d in procs) for m in lab.masters()}
+
+
 def _answer(run_id: str, approve: bool) -> None:
     from prefect.client.orchestration import get_client
 
@@ -198,8 +209,13 @@ def test_gate_reject_changes_nothing_then_approve_proceeds(lab3, tmp_path, clean
     assert "plan rejected by test-sre: test; nothing was changed" in error_of(out["state"])
     assert fingerprint(lab3) == before
     machinery.GATE_LISTENERS.clear()
+    idle = ssh_sessions(lab3)  # the test's own connections stay open
     t, out = _run_in_thread(inventory=inv, snapshot=str(snap))
-    _answer(_wait_paused(out), approve=True)
+    run_id = _wait_paused(out)
+    # While it waits for a human, the run holds no SSH connection to any master.
+    _wait_for(lambda: all(n <= idle[m] for m, n in ssh_sessions(lab3).items()), 10,
+              f"the run's connections to close: sessions now {ssh_sessions(lab3)}, before the run {idle}")
+    _answer(run_id, approve=True)
     t.join(180)
     assert out["state"].is_completed(), error_of(out["state"])
     assert out["state"].result()["approval"] == {"approved_by": "test-sre", "reason": "test"}
