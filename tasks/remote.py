@@ -259,7 +259,9 @@ class SSHConnector:
                 return transport.open_session(timeout=self._ssh.connect_timeout)
             except (paramiko.SSHException, OSError, EOFError, AttributeError) as e:
                 # The channel never opened, so the command never ran: safe to reconnect and go on.
-                self._drop(transport)
+                # No transport: another thread closed this client already; the next try reconnects.
+                if transport is not None:
+                    self._drop(transport)
                 last = e
         raise ConnectionLost(f"{self.name}: could not open an SSH channel: {last!r}")
 
