@@ -38,18 +38,30 @@ def sha256_file(path: str | Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
-def hash_trailer(path: str | Path) -> str:
-    """'ok', 'missing' (a db copied from a data dir) or 'mismatch' (corrupt).
+def db_digest(path: str | Path) -> tuple[str, str]:
+    """(trailer, sha256 of the whole file) in one read: trailer is 'ok', 'missing' (a db copied
+    from a data dir) or 'mismatch' (corrupt).
 
     Mirrors etcd's own check: a saved snapshot is a whole number of 512-byte pages plus a
-    32-byte sha256 of everything before it."""
+    32-byte sha256 of everything before it. The whole file's sha256 continues that hash with
+    the trailer, so a multi-GB snapshot is read and hashed once, not twice."""
     size = Path(path).stat().st_size
     if size % 512 != HASH_LEN:
-        return "missing"
+        return "missing", sha256_file(path)
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        f.seek(size - HASH_LEN)
+        remaining = size - HASH_LEN
+        while remaining > 0 and (chunk := f.read(min(1 << 20, remaining))):
+            h.update(chunk)
+            remaining -= len(chunk)
         trailer = f.read(HASH_LEN)
-    return "ok" if sha256_file(path, size - HASH_LEN) == trailer.hex() else "mismatch"
+    whole = h.copy()
+    whole.update(trailer)
+    return ("ok" if h.digest() == trailer else "mismatch"), whole.hexdigest()
+
+
+def hash_trailer(path: str | Path) -> str:
+    return db_digest(path)[0]
 
 
 def check_member_path(name: str) -> None:
@@ -124,17 +136,21 @@ def prepare_snapshot(source: str | Path, workdir: str | Path, nova_version: str,
                             "etcd_snapshot_*.db.tar.gz or a .db")
     warnings = []
     entry = find_manifest_entry(src)
-    if entry is not None and sha256_file(src) != entry.get("sha256"):
+    archive = src.name.endswith((".tar.gz", ".tgz", ".tar"))
+    if entry is not None and archive and sha256_file(src) != entry.get("sha256"):
         raise SnapshotError(f"snapshot {src.name}: sha256 differs from its manifest; the file is damaged, "
                             "take another backup set")
-    if src.name.endswith((".tar.gz", ".tgz", ".tar")):
+    if archive:
         files = [f for f in safe_extract(src, Path(workdir) / "unpacked") if f.name.endswith(".db")]
         if len(files) != 1:
             raise SnapshotError(f"snapshot {src.name}: expected one .db inside, found {len(files)}")
         db = files[0]
     else:
         db = src
-    trailer = hash_trailer(db)
+    trailer, digest = db_digest(db)
+    if entry is not None and not archive and digest != entry.get("sha256"):
+        raise SnapshotError(f"snapshot {src.name}: sha256 differs from its manifest; the file is damaged, "
+                            "take another backup set")
     if trailer == "mismatch":
         raise SnapshotError(f"snapshot {src.name}: its sha256 trailer does not match its content (corrupt); "
                             "nothing was changed, use another backup")
@@ -153,7 +169,7 @@ def prepare_snapshot(source: str | Path, workdir: str | Path, nova_version: str,
         if not allow_version_mismatch:
             raise SnapshotError(msg + "; nothing was changed (allow_version_mismatch=true overrides)")
         warnings.append(msg + " (allowed by allow_version_mismatch)")
-    return SnapshotCheck(str(src), str(db), sha256_file(db), db.stat().st_size, trailer, nova, k8s,
+    return SnapshotCheck(str(src), str(db), digest, db.stat().st_size, trailer, nova, k8s,
                          manifest_checked=entry is not None, warnings=warnings)
 
 

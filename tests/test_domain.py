@@ -18,7 +18,7 @@ from core.facts import ClusterFacts, MasterFacts, parse_probe
 from core.inventory import parse_inventory
 from core.names import parse_name
 from core.restore_plan import build_restore_plan
-from core.snapshot import hash_trailer, prepare_snapshot, safe_extract
+from core.snapshot import db_digest, hash_trailer, prepare_snapshot, safe_extract
 
 CAP = Path(__file__).parent / "captured"
 
@@ -111,6 +111,18 @@ def test_hash_trailer(tmp_path):
     assert hash_trailer(tmp_path / "bad.db") == "mismatch"
     (tmp_path / "raw.db").write_bytes(os.urandom(4096))
     assert hash_trailer(tmp_path / "raw.db") == "missing"
+
+
+def test_db_digest_is_the_trailer_check_and_the_files_sha256_in_one_read(tmp_path):
+    big = fake_snapshot(tmp_path / "big.db", pages=4500)  # 2.2 MB: the read crosses 1 MiB chunks
+    bad = tmp_path / "bad.db"
+    data = bytearray(big.read_bytes())
+    data[3 << 20 >> 1] ^= 0xFF
+    bad.write_bytes(data)
+    raw = tmp_path / "raw.db"
+    raw.write_bytes(os.urandom(5000))
+    for path, trailer in ((big, "ok"), (bad, "mismatch"), (raw, "missing")):
+        assert db_digest(path) == (trailer, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def _tar(path: Path, members: dict[str, bytes], link: tuple[str, str] | None = None) -> Path:
