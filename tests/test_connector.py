@@ -99,8 +99,10 @@ def test_a_connection_dropped_under_parallel_steps_fails_only_commands_in_flight
         t.start()
     for _ in range(6):
         time.sleep(0.15)
-        if conn._client is not None:
-            conn._client.get_transport().sock.close()  # the network drops under every thread
+        client = conn._client  # read once: a thread may be replacing it
+        transport = client.get_transport() if client is not None else None
+        if transport is not None:
+            transport.sock.close()  # the network drops under every thread
     for t in threads:
         t.join(120)
     bad = [o for o in outcomes if o not in ("ok", "lost")]
