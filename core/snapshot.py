@@ -60,10 +60,6 @@ def db_digest(path: str | Path) -> tuple[str, str]:
     return ("ok" if h.digest() == trailer else "mismatch"), whole.hexdigest()
 
 
-def hash_trailer(path: str | Path) -> str:
-    return db_digest(path)[0]
-
-
 def check_member_path(name: str) -> None:
     p = PurePosixPath(name)
     if p.is_absolute() or ".." in p.parts or not name.strip("./"):
@@ -137,9 +133,10 @@ def prepare_snapshot(source: str | Path, workdir: str | Path, nova_version: str,
     warnings = []
     entry = find_manifest_entry(src)
     archive = src.name.endswith((".tar.gz", ".tgz", ".tar"))
-    if entry is not None and archive and sha256_file(src) != entry.get("sha256"):
-        raise SnapshotError(f"snapshot {src.name}: sha256 differs from its manifest; the file is damaged, "
+    damaged = SnapshotError(f"snapshot {src.name}: sha256 differs from its manifest; the file is damaged, "
                             "take another backup set")
+    if entry is not None and archive and sha256_file(src) != entry.get("sha256"):
+        raise damaged
     if archive:
         files = [f for f in safe_extract(src, Path(workdir) / "unpacked") if f.name.endswith(".db")]
         if len(files) != 1:
@@ -149,8 +146,7 @@ def prepare_snapshot(source: str | Path, workdir: str | Path, nova_version: str,
         db = src
     trailer, digest = db_digest(db)
     if entry is not None and not archive and digest != entry.get("sha256"):
-        raise SnapshotError(f"snapshot {src.name}: sha256 differs from its manifest; the file is damaged, "
-                            "take another backup set")
+        raise damaged
     if trailer == "mismatch":
         raise SnapshotError(f"snapshot {src.name}: its sha256 trailer does not match its content (corrupt); "
                             "nothing was changed, use another backup")

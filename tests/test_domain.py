@@ -18,7 +18,7 @@ from core.facts import ClusterFacts, MasterFacts, parse_probe
 from core.inventory import parse_inventory
 from core.names import parse_name
 from core.restore_plan import build_restore_plan
-from core.snapshot import db_digest, hash_trailer, prepare_snapshot, safe_extract
+from core.snapshot import db_digest, prepare_snapshot, safe_extract
 
 CAP = Path(__file__).parent / "captured"
 
@@ -104,13 +104,13 @@ def fake_snapshot(path: Path, pages: int = 8) -> Path:
 
 def test_hash_trailer(tmp_path):
     s = fake_snapshot(tmp_path / "s.db")
-    assert hash_trailer(s) == "ok"
+    assert db_digest(s)[0] == "ok"
     data = bytearray(s.read_bytes())
     data[100] ^= 0xFF
     (tmp_path / "bad.db").write_bytes(data)
-    assert hash_trailer(tmp_path / "bad.db") == "mismatch"
+    assert db_digest(tmp_path / "bad.db")[0] == "mismatch"
     (tmp_path / "raw.db").write_bytes(os.urandom(4096))
-    assert hash_trailer(tmp_path / "raw.db") == "missing"
+    assert db_digest(tmp_path / "raw.db")[0] == "missing"
 
 
 def test_db_digest_is_the_trailer_check_and_the_files_sha256_in_one_read(tmp_path):
