@@ -3,9 +3,10 @@
 The floor is the same work as a plain script would do it, over the same SSH connections and
 in parallel per master: copy the snapshot, stop etcd (the followers, then the leader: all at
 once often costs etcd a ~7 s leadership-transfer timeout, which would flatter the flow), move
-the member dir aside, restore, start every member, wait until healthy. For each number of masters and each snapshot size it
-prints medians, the ratio flow/floor, the flow's orchestration overhead and the peak memory
-growth of this process; then how the flow scales with the number of masters.
+the member dir aside, restore, start every member, wait until healthy. For each number of
+masters and each snapshot size it prints medians, the ratio flow/floor, the flow's
+orchestration overhead and the peak memory growth of this process; then how the flow scales
+with the number of masters.
 
     .venv/bin/python bench/restore.py [--masters 3,7] [--mb 10,200] [--runs 3]
 """

@@ -56,9 +56,14 @@ def etcd_bin_dir() -> Path:
 
 
 def _start_time(pid: int) -> str:
-    """Field 22 of /proc/PID/stat (after the parenthesised command name, which may hold spaces)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[19]
+    """Field 22 of /proc/PID/stat (after the parenthesised command name, which may hold spaces),
+    or "" for a zombie or no process: as in the lab's systemctl, only a live process counts."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return ""
+    return "" if fields[0] == "Z" else fields[19]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -126,7 +131,7 @@ class Lab:
         reused by another process does not count."""
         try:
             pid, started = (Path(self.master(member).node_dir) / "run" / "etcd.pid").read_text().split()
-            return int(pid) if _pid_alive(int(pid)) and _start_time(int(pid)) == started else 0
+            return int(pid) if _start_time(int(pid)) == started else 0
         except (OSError, ValueError):
             return 0
 
