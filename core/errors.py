@@ -53,5 +53,9 @@ class ClusterBusy(NovaDRError):
     """Another recovery holds this cluster."""
 
 
+class LockLost(ClusterBusy):
+    """This run's hold on the cluster was taken over or could not be renewed: it stops."""
+
+
 class UnsafeArchive(NovaDRError):
     """An archive member would land outside the extraction directory."""

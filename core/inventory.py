@@ -58,6 +58,7 @@ class MasterPaths(_Strict):
         "/etc/starvault/unseal-tokens", description="StarVault unseal tokens, one per line"
     )
     backup_dir: str = Field("/opt/backup", description="where the backup daemon writes")
+    lock_dir: str = Field("/var/lib/nova-dr", description="where the cluster lock lives (one recovery per cluster)")
 
 
 class Master(_Strict):

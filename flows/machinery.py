@@ -1,7 +1,8 @@
 """What every recovery flow shares: connections, preflight, the approval gate, the DAG
-executor with checkpoints, and the recovery id. (One recovery per cluster: flows/slot.py.)
+executor with checkpoints, and the recovery id.
 
 A recovery flow reads: preflight -> plan -> gate -> re-check -> execute -> verify -> report.
+(One recovery per cluster: flows/lock.py; `run.lock` is set while the run holds the cluster.)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from core.errors import ConnectError, NotApproved, NovaDRError, PlanChanged
 from core.facts import ClusterFacts, MasterFacts
 from core.inventory import Cluster
 from core.plan import Plan, Step
+from flows.lock import with_lock_notes
 from tasks import datadir, etcd, service
 from tasks.remote import Connector, connect
 
@@ -86,6 +88,7 @@ class Run:
     recovery_id: str = ""
     conns: dict[str, Connector] = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # per-flow inputs: the snapshot, options
+    lock: object = None  # the ClusterLock this run holds (flows/lock.py), while it holds it
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def conn(self, member: str) -> Connector:
@@ -258,6 +261,8 @@ def _retry_only_transient(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_only_transient,
       cache_key_fn=_checkpoint_key, persist_result=True)
 def run_step(run: Run, step: Step, actions: dict, upstream: dict) -> dict:
+    if run.lock is not None:
+        run.lock.ensure_held()  # a run that lost the cluster to another recovery changes nothing more
     started = time.time()
     detail = actions[step.action](run, step, upstream)
     ctx = FlowRunContext.get()
@@ -309,7 +314,7 @@ def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: d
     before, the plan, who approved, and each step's result."""
     log = get_run_logger()
     before = preflight(run)
-    plan = make_plan(before)
+    plan = with_lock_notes(make_plan(before), run.lock)
     log.info("%s", plan.text())
     publish(f"{slug(plan.flow)}-plan", plan.markdown(), f"What {plan.flow} will do")
     if not auto_approve:
@@ -317,6 +322,8 @@ def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: d
         # a firewall) meanwhile. The re-check after it connects again.
         run.close()
     approval = approval_gate(plan, auto_approve, approval_timeout_minutes)
+    if run.lock is not None:
+        run.lock.ensure_held()
     if not auto_approve:
         ensure_plan_unchanged(plan, make_plan(preflight(run)))
     return before, plan, approval, execute_plan(run, plan, actions)

@@ -16,7 +16,7 @@ from core.plan import Plan
 from flows import actions as act
 from flows import machinery as mc
 from flows.machinery import Run
-from flows.slot import cluster_slot
+from flows.lock import cluster_lock
 
 RESTART, REPLACE = "restart-etcd-member", "replace-etcd-member"
 
@@ -75,7 +75,7 @@ def _report(run: Run, plan: Plan, before: ClusterFacts, approval: dict, results:
 
 def _run(flow_name: str, inventory: str, member: str | None, plan_fn, key: str, recovery_id: str | None,
          auto_approve: bool, approval_timeout_minutes: float, wait_for_cluster_seconds: float,
-         catch_up_timeout_seconds: float) -> dict:
+         catch_up_timeout_seconds: float, force_lock: bool) -> dict:
     cluster = resolve_inventory(inventory)
     if member:
         cluster.master(member)  # an unknown name fails here, listing the members, before anything
@@ -83,7 +83,7 @@ def _run(flow_name: str, inventory: str, member: str | None, plan_fn, key: str, 
     print(f"recovery id: {rid}")
     run = Run(flow_name, cluster, rid, data={"catch_up_timeout": catch_up_timeout_seconds})
     try:
-        with cluster_slot(cluster.name, rid, wait_for_cluster_seconds):
+        with cluster_lock(run, wait_for_cluster_seconds, force_lock):
             started = time.time()
             before, plan, approval, results = mc.run_recovery(run, plan_fn(run), ACTIONS, auto_approve,
                                                               approval_timeout_minutes)
@@ -102,6 +102,7 @@ def restart_etcd_member(
     approval_timeout_minutes: float = 60,
     wait_for_cluster_seconds: float = 120,
     catch_up_timeout_seconds: float = 90,
+    force_lock: bool = False,
 ) -> dict:
     """Restart a failed or hanging etcd member and wait until it has caught up. Never escalates:
     if it does not come back, the run fails with its log and names replace-etcd-member.
@@ -115,9 +116,10 @@ def restart_etcd_member(
         approval_timeout_minutes: how long the gate waits before the run ends with nothing changed
         wait_for_cluster_seconds: how long to wait while another recovery holds this cluster
         catch_up_timeout_seconds: how long the member may take to be healthy and caught up
+        force_lock: take the cluster lock from another recovery that has not expired (the plan says so)
     """
     return _run(RESTART, inventory, member, lambda run: restart_plan(run, member, force), member, recovery_id,
-                auto_approve, approval_timeout_minutes, wait_for_cluster_seconds, catch_up_timeout_seconds)
+                auto_approve, approval_timeout_minutes, wait_for_cluster_seconds, catch_up_timeout_seconds, force_lock)
 
 
 @flow(name=REPLACE, task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
@@ -130,6 +132,7 @@ def replace_etcd_member(
     approval_timeout_minutes: float = 60,
     wait_for_cluster_seconds: float = 120,
     catch_up_timeout_seconds: float = 90,
+    force_lock: bool = False,
 ) -> dict:
     """Replace one etcd member whose data is lost (quorum still held): member remove, member add,
     an empty data dir (the old one quarantined), ETCD_INITIAL_CLUSTER_STATE=existing, start.
@@ -143,10 +146,11 @@ def replace_etcd_member(
         approval_timeout_minutes: how long the gate waits before the run ends with nothing changed
         wait_for_cluster_seconds: how long to wait while another recovery holds this cluster
         catch_up_timeout_seconds: how long the new member may take to be healthy and caught up
+        force_lock: take the cluster lock from another recovery that has not expired (the plan says so)
     """
     return _run(REPLACE, inventory, member, lambda run: replace_plan(run, member, force), member or "auto",
                 recovery_id, auto_approve, approval_timeout_minutes, wait_for_cluster_seconds,
-                catch_up_timeout_seconds)
+                catch_up_timeout_seconds, force_lock)
 
 
 def _plan_only(flow_name: str, plan_fn, inventory: str, member: str | None, force: bool) -> Plan:

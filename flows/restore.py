@@ -25,7 +25,7 @@ from core.snapshot import SnapshotCheck, prepare_snapshot
 from flows import machinery as mc
 from flows.actions import on, quarantine_name, read_status_rows, start_etcd, stop_etcd
 from flows.machinery import Run
-from flows.slot import cluster_slot
+from flows.lock import cluster_lock
 from tasks import datadir, etcd, service
 from tasks.backups import fetch_set, find_set
 from tasks.storage import open_store
@@ -236,6 +236,7 @@ def restore_etcd_cluster(
     backup: str | None = None,
     s3_block: str | None = None,
     identity_block: str | None = None,
+    force: bool = False,
 ) -> dict:
     """Restore the whole etcd cluster from a snapshot (quorum lost, API down): the last resort.
 
@@ -254,6 +255,7 @@ def restore_etcd_cluster(
         backup: with store: latest (the newest complete set) or a set's timestamp YYYY-MM-DD_HHMMSS
         s3_block: a Nova Backup S3 Credentials block for an s3:// store (default: the environment)
         identity_block: a Nova Backup Age Identity block, for an encrypted snapshot (name ending .age)
+        force: take the cluster lock from another recovery that has not expired (the plan says so)
     """
     log = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="nova-dr-snap-", dir=mc.state_dir()) as tmp:
@@ -262,7 +264,7 @@ def restore_etcd_cluster(
         run.data["healthy_timeout"] = healthy_timeout_seconds
         print(f"recovery id: {run.recovery_id}")
         try:
-            with cluster_slot(run.cluster.name, run.recovery_id, wait_for_cluster_seconds):
+            with cluster_lock(run, wait_for_cluster_seconds, force):
                 return _restore(run, auto_approve, approval_timeout_minutes, log)
         finally:
             run.close()

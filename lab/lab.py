@@ -251,6 +251,9 @@ class Lab:
             (nd / "etcd-disk").mkdir(exist_ok=True)
         for name in ("systemctl", "journalctl"):
             _install_script(FILES / name, nd / "bin" / name, NODE=str(nd))
+        # `cat` from stdin (hold name "cat--") is how a copy lands on a master: a test holds it
+        # to stop the run half way through the copies.
+        _install_script(FILES / "hold-wrapper", nd / "bin" / "cat", NODE=str(nd), PROG="cat", REAL=shutil.which("cat"))
         bins = etcd_bin_dir()
         (nd / "opt.up/etcd/etcd").symlink_to(bins / "etcd")
         for prog in ("etcdctl", "etcdutl"):
