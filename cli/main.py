@@ -11,7 +11,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import typer  # noqa: E402
 
-from cli import backups_cmd, lab_cmd, run_cmd, serve_cmd  # noqa: E402
+from cli import backups_cmd, lab_cmd, lock_cmd, run_cmd, serve_cmd  # noqa: E402
 
 app = typer.Typer(help="Back up and recover a Nova Container Platform control plane.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -22,3 +22,4 @@ app.command("approve")(run_cmd.approve)
 app.command("serve")(serve_cmd.serve)
 app.add_typer(run_cmd.inventory_app, name="inventory")
 app.add_typer(backups_cmd.app, name="backups")
+app.add_typer(lock_cmd.app, name="lock")

@@ -13,7 +13,6 @@ own clock, so the orchestrators' clocks never matter.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from enum import Enum
 
@@ -113,6 +112,7 @@ class Seen:
     holder: Holder | None = None  # what was there before
     now: float = 0.0
     error: str = ""
+    holder_alive: bool | None = None  # as decide() was told
 
 
 def busy_message(cluster: str, seen: list[Seen], n_masters: int, waited: float, lock_path: str) -> str:
@@ -122,16 +122,13 @@ def busy_message(cluster: str, seen: list[Seen], n_masters: int, waited: float, 
     if holders:
         s = next(iter(holders.values()))
         h = s.holder
-        same = h.recovery_id
-        return (f"cluster {cluster}: another recovery holds it: {h.describe(s.now)}; waited {waited:.0f}s. "
-                f"Let it finish, or cancel it. If its process is gone, re-run that recovery "
-                f"(recovery_id={same}) to resume it, wait for the expiry, or pass force=true; "
-                f"by hand: remove {lock_path} on a majority of the masters")
+        state = {True: "its process still runs here", False: "its process is gone",
+                 None: "it runs on another machine"}[s.holder_alive]
+        return (f"cluster {cluster}: another recovery holds it: {h.describe(s.now)}; {state}; waited "
+                f"{waited:.0f}s. Let it finish, or cancel it. If it is dead, re-run that recovery "
+                f"(recovery_id={h.recovery_id}) to resume it, wait for the expiry, or pass force=true; "
+                f"by hand: `nova-dr lock release`, or remove {lock_path} on a majority of the masters")
     reachable = n_masters - len(errors)
     return (f"cluster {cluster}: could not lock a majority of the masters ({majority(n_masters)} of {n_masters}; "
             f"{reachable} answered). {'; '.join(errors) or 'another recovery raced for it'}. "
             "Every recovery needs a majority of the masters reachable; nothing was changed")
-
-
-def time_left(holder: Holder, now: float | None = None) -> float:
-    return holder.expires_at - (time.time() if now is None else now)

@@ -38,6 +38,7 @@ from tasks.remote import connect
 
 log = logging.getLogger("nova_dr.lock")
 DEFAULT_TTL = 90.0
+_live_tokens: set[str] = set()  # the locks this process holds now (a process may run recoveries in turn)
 
 
 def lock_ttl() -> float:
@@ -62,6 +63,8 @@ def holder_alive(h: Holder) -> bool | None:
     """Whether the holder's process still runs: known only where it ran (this machine)."""
     if h.host != socket.gethostname():
         return None
+    if h.pid == os.getpid():
+        return h.token in _live_tokens
     return bool(h.pid_start) and _proc_start(h.pid) == h.pid_start
 
 
@@ -82,6 +85,7 @@ class ClusterLock:
         self.replaced: list[Seen] = []  # the records this run took over, for the plan
         self.lost = ""
         self._mu = threading.Lock()
+        self._round = threading.Lock()  # one renewal round at a time: the thread's, or ensure_held's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._confirmed = time.monotonic()
@@ -110,15 +114,16 @@ class ClusterLock:
                 return Seen(m.etcd_member, now=f.now, error=(
                     f"{lock_path(m, self.name)} is not a nova-dr lock record ({err}); pass force=true to replace it"))
             current = None
-        verdict = decide(current, self.me, f.now, self.force, holder_alive(current) if current else None)
+        alive = holder_alive(current) if current else None
+        verdict = decide(current, self.me, f.now, self.force, alive)
         if verdict not in TAKE:
-            return Seen(m.etcd_member, verdict, current, f.now)
+            return Seen(m.etcd_member, verdict, current, f.now, holder_alive=alive)
         rec = self.record(f.now)
         if replace_lock(conn, m, self.name, f.sha256, rec).result != "done":
             return Seen(m.etcd_member, now=f.now, error="the lock changed while we read it (another recovery)")
         with self._mu:
             self.held[m.etcd_member] = record_sha256(rec)
-        return Seen(m.etcd_member, verdict, current, f.now)
+        return Seen(m.etcd_member, verdict, current, f.now, holder_alive=alive)
 
     def _renew(self, conn, m: Master) -> Seen:
         member = m.etcd_member
@@ -176,22 +181,32 @@ class ClusterLock:
         log.info("cluster %s: locked for recovery %s on %s", self.name, self.me.recovery_id,
                  ", ".join(sorted(self.held)))
         self._confirmed = time.monotonic()
+        _live_tokens.add(self.me.token)
         self._thread = threading.Thread(target=self._renew_loop, name=f"lock-{self.name}", daemon=True)
         self._thread.start()
 
-    def _renew_loop(self) -> None:
-        need = majority(len(self.cluster.masters))
-        while not self._stop.wait(self.ttl / 6):
+    def renew(self) -> None:
+        """One round: renew where ours, spread to masters where it is free."""
+        with self._round:
+            if self.lost:
+                return
             self._each(lambda conn, m: self._renew(conn, m) if m.etcd_member in self.held else self._try(conn, m))
-            if len(self.held) >= need and not self.lost:
+            if len(self.held) >= majority(len(self.cluster.masters)) and not self.lost:
                 self._confirmed = time.monotonic()
             elif time.monotonic() - self._confirmed > self.ttl and not self.lost:
                 self.lost = f"not renewed on a majority of the masters for {self.ttl:.0f}s (unreachable?)"
             if self.lost:
                 log.error("cluster %s: the recovery lock is lost: %s", self.name, self.lost)
-                return
 
-    def ensure_held(self) -> None:
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 6) and not self.lost:
+            self.renew()
+
+    def ensure_held(self, now: bool = False) -> None:
+        """Raise LockLost once the lock is lost. `now=True` asks the masters first (after an
+        approval, before the first change), instead of trusting the last renewal."""
+        if now:
+            self.renew()
         if self.lost:
             raise LockLost(f"cluster {self.name}: this run no longer holds the recovery lock ({self.lost}); it "
                            "stopped before its next step. See who holds it, then re-run this recovery "
@@ -209,6 +224,7 @@ class ClusterLock:
             self._each(one)
 
     def release(self) -> None:
+        _live_tokens.discard(self.me.token)
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=60)

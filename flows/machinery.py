@@ -323,7 +323,7 @@ def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: d
         run.close()
     approval = approval_gate(plan, auto_approve, approval_timeout_minutes)
     if run.lock is not None:
-        run.lock.ensure_held()
+        run.lock.ensure_held(now=True)  # a forced take-over during the wait is seen before any change
     if not auto_approve:
         ensure_plan_unchanged(plan, make_plan(preflight(run)))
     return before, plan, approval, execute_plan(run, plan, actions)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from core.errors import ClusterBusy
+from core.errors import ClusterBusy, LockLost
 from core.lock import Holder, LockUnreadable, Seen, Verdict, busy_message, decide, majority, parse_holder
 from flows.lock import ClusterLock
 from tasks.lock import read_lock, record_sha256, remove_lock, replace_lock
@@ -127,3 +127,34 @@ def test_two_recoveries_racing_for_a_cluster_one_wins(lab3):
         assert read_lock(conn, cluster.masters[0], cluster.name).sha256 == "none"
     finally:
         conn.close()
+
+
+def test_force_takes_a_live_lock_and_its_holder_stops_before_its_next_step(lab3):
+    cluster = lab3.cluster()
+    first = ClusterLock(cluster, "first", "replace-etcd-member", ttl=60)
+    second = ClusterLock(cluster, "second", "restore-etcd-cluster", ttl=60)
+    forced = ClusterLock(cluster, "second", "restore-etcd-cluster", force=True, ttl=60)
+    first.acquire(wait_seconds=0)
+    try:
+        with pytest.raises(ClusterBusy, match="another recovery holds it: recovery first"):
+            second.acquire(wait_seconds=0)
+        forced.acquire(wait_seconds=0)
+        _, warnings = forced.plan_notes()
+        assert len(warnings) == 1 and "force=true: it had NOT expired" in warnings[0] and "recovery first" in warnings[0]
+        first.ensure_held()  # not seen yet: it learns at its next renewal, or when it asks
+        with pytest.raises(LockLost, match="no longer holds the recovery lock .*names recovery second"):
+            first.ensure_held(now=True)
+    finally:
+        first.release()  # gives back nothing: the records are the forcing run's now
+        assert len(forced.held) == 3
+        forced.release()
+    assert all(read_lock(c, m, cluster.name).sha256 == "none" for m, c in _conns(cluster))
+
+
+def _conns(cluster):
+    for m in cluster.masters:
+        conn = connect(cluster, m)
+        try:
+            yield m, conn
+        finally:
+            conn.close()
