@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 from dataclasses import replace
 
@@ -13,6 +15,8 @@ from core.lock import Holder, LockUnreadable, Seen, Verdict, busy_message, decid
 from flows.lock import ClusterLock
 from tasks.lock import read_lock, record_sha256, remove_lock, replace_lock
 from tasks.remote import connect
+from tests.helpers import REPO
+from tests.test_cli import CLI
 from tests.test_restore import _wait_for
 
 ME = Holder(recovery_id="restore-etcd-cluster-lab0-abc", flow="restore-etcd-cluster", flow_run_id="run-2",
@@ -158,3 +162,34 @@ def _conns(cluster):
             yield m, conn
         finally:
             conn.close()
+
+
+def _lock_cli(lab, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "lock", *args, "--inventory", str(lab.dir / "inventory.yaml")], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+
+
+def test_an_operator_shows_and_releases_a_dead_holders_lock_by_hand(lab3):
+    cluster = lab3.cluster()
+    assert "free" in _lock_cli(lab3, "show").stdout
+    # A live holder (this test's process) is not released by hand.
+    live = ClusterLock(cluster, "held-by-the-test", "restore-etcd-cluster", ttl=60)
+    live.acquire(wait_seconds=0)
+    try:
+        out = _lock_cli(lab3, "show")
+        assert out.returncode == 0 and out.stdout.count("recovery held-by-the-test") == 3, out
+        out = _lock_cli(lab3, "release", "--yes")
+        assert out.returncode == 1 and "still runs here" in out.stderr and "Nothing was released" in out.stderr
+        assert len(live.held) == 3 and not live.lost
+        live.ensure_held(now=True)
+    finally:
+        live._stop.set()  # as if the process died: the records stay, with a pid that is gone
+        live._thread.join()
+    for m, conn in _conns(cluster):
+        f = read_lock(conn, m, cluster.name)
+        h = replace(parse_holder(f.text), pid=4_000_000 + os.getpid(), pid_start="1")  # above pid_max: gone
+        assert replace_lock(conn, m, cluster.name, f.sha256, h.dumps()).result == "done"
+    out = _lock_cli(lab3, "release", "--yes")
+    assert out.returncode == 0 and out.stdout.count("released") == 3, out
+    assert "free" in _lock_cli(lab3, "show").stdout
+    assert all(read_lock(c, m, cluster.name).sha256 == "none" for m, c in _conns(cluster))
