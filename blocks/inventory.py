@@ -25,13 +25,16 @@ class ClusterInventory(Block):
     )
     ssh_private_key: SecretStr = Field(description="SSH private key for the masters (OpenSSH text).")
     known_hosts: SecretStr = Field(description="known_hosts lines, one or more per master.")
+    sudo_password: SecretStr | None = Field(None, description="The SSH user's sudo password, for ssh.become: "
+                                            "sudo without NOPASSWD (sent to sudo on stdin only).")
 
     def to_cluster(self, name: str = "") -> Cluster:
         data = yaml.safe_load(self.inventory_yaml) or {}
         if not isinstance(data, dict):
             raise InventoryError(f"inventory block:{name}: inventory_yaml must be a mapping")
         ssh = dict(data.get("ssh") or {})
-        for key in ("private_key_file", "known_hosts_file", "private_key", "known_hosts"):
+        for key in ("private_key_file", "known_hosts_file", "private_key", "known_hosts", "sudo_password_file",
+                    "sudo_password"):
             if key in ssh:
                 raise InventoryError(
                     f"inventory block:{name}: ssh.{key} in inventory_yaml; put the key and "
@@ -39,6 +42,8 @@ class ClusterInventory(Block):
                 )
         ssh["private_key"] = self.ssh_private_key.get_secret_value()
         ssh["known_hosts"] = self.known_hosts.get_secret_value()
+        if self.sudo_password is not None:
+            ssh["sudo_password"] = self.sudo_password.get_secret_value()
         data["ssh"] = ssh
         return parse_inventory(data, f"block:{name}")
 
@@ -53,6 +58,7 @@ class ClusterInventory(Block):
             inventory_yaml=yaml.safe_dump(data, sort_keys=False),
             ssh_private_key=cluster.ssh.private_key,
             known_hosts=cluster.ssh.known_hosts,
+            sudo_password=cluster.ssh.sudo_password,
         )
 
 

@@ -13,6 +13,16 @@ class ConnectError(NovaDRError):
     """A master cannot be reached or authenticated over SSH."""
 
 
+class AuthError(ConnectError):
+    """The master answered but refused us (a changed or unknown host key, a refused login):
+    not transient, never retried."""
+
+
+class BecomeError(AuthError):
+    """sudo refused to run a command (wrong password, no sudo rule): never retried (a retried
+    wrong password can lock the account)."""
+
+
 class ConnectionLost(ConnectError):
     """An established SSH connection dropped while a command ran: transient, retryable."""
 

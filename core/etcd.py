@@ -6,6 +6,7 @@ Tested on output captured from etcdctl 3.5 (tests/captured/). No I/O here.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
 
@@ -147,6 +148,45 @@ def parse_env_file(text: str) -> dict[str, str]:
             value = value[1:-1]
         env[m.group(1)] = value
     return env
+
+
+def _urls(value: str) -> set[str]:
+    return {u.strip().rstrip("/") for u in value.split(",") if u.strip()}
+
+
+def _dir(value: str) -> str:
+    return posixpath.normpath(value) if value else ""
+
+
+def env_mismatches(master, token: str, env: dict[str, str], env_path: str) -> list[str]:
+    """Where the inventory and the master's own env file disagree, each naming both values.
+
+    A restore aimed by a wrong inventory writes where etcd never reads (measured: an approved
+    restore "swapped" etcd3's data in a directory etcd does not use, and only the final
+    verification noticed, with the cluster already inconsistent). A setting the env file does
+    not have (given as a flag in ExecStart=, say) cannot be compared and is not refused."""
+    where = f"{master.etcd_member} ({env_path})"
+    out = []
+
+    def differ(key: str, ours: str, field: str) -> None:
+        out.append(f"{where}: {key}={env[key]!r} but the inventory says {field} {ours!r}")
+
+    if env.get("ETCD_NAME") and env["ETCD_NAME"] != master.etcd_member:
+        differ("ETCD_NAME", master.etcd_member, "etcd_member")
+    if env.get("ETCD_DATA_DIR") and _dir(env["ETCD_DATA_DIR"]) != _dir(master.paths.data_dir):
+        differ("ETCD_DATA_DIR", master.paths.data_dir, "paths.data_dir")
+    wal = _dir(env.get("ETCD_WAL_DIR", ""))
+    if wal and wal != _dir(f"{master.paths.data_dir}/member/wal"):
+        out.append(f"{where}: ETCD_WAL_DIR={env['ETCD_WAL_DIR']!r} is outside the data dir; nova-dr restores the WAL "
+                   f"into {master.paths.data_dir}/member/wal, where this etcd would not read it. Move the WAL into "
+                   "the data dir (unset ETCD_WAL_DIR) before a recovery")
+    if env.get("ETCD_INITIAL_ADVERTISE_PEER_URLS") and master.peer_url not in _urls(env["ETCD_INITIAL_ADVERTISE_PEER_URLS"]):
+        differ("ETCD_INITIAL_ADVERTISE_PEER_URLS", master.peer_url, "peer_url")
+    if env.get("ETCD_ADVERTISE_CLIENT_URLS") and master.client_url not in _urls(env["ETCD_ADVERTISE_CLIENT_URLS"]):
+        differ("ETCD_ADVERTISE_CLIENT_URLS", master.client_url, "client_url")
+    if env.get("ETCD_INITIAL_CLUSTER_TOKEN") and env["ETCD_INITIAL_CLUSTER_TOKEN"] != token:
+        differ("ETCD_INITIAL_CLUSTER_TOKEN", token, "etcd_token")
+    return out
 
 
 def set_env_var(text: str, key: str, value: str) -> str:

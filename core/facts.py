@@ -26,6 +26,7 @@ class MasterFacts(BaseModel):
     free_bytes: int = 0
     manifest: str = ""  # present | parked | absent | "" (none configured)
     entries: tuple[str, ...] = ()  # nova-dr-* work and quarantine dirs in the data dir
+    mismatches: tuple[str, ...] = ()  # where the inventory and the master's env file disagree
 
 
 def parse_probe(text: str) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -110,6 +110,9 @@ class SSHSettings(_Strict):
     strict_host_keys: bool = Field(True, description="refuse unknown or changed host keys")
     connect_timeout: float = Field(10.0, gt=0)
     connect_attempts: int = Field(3, ge=1, le=10)
+    become: Literal["none", "sudo"] = Field(
+        "none", description="how commands get root: none (the user is root) or sudo (NOPASSWD, or sudo_password)")
+    sudo_password: SecretStr | None = Field(None, description="the user's sudo password, sent to sudo on stdin only")
 
 
 class Cluster(_Strict):
@@ -210,8 +213,9 @@ def parse_inventory(data: Any, source: str) -> Cluster:
 
 
 def load_inventory_file(path: str | Path) -> Cluster:
-    """Load an inventory YAML. `ssh.private_key_file` and `ssh.known_hosts_file` are read
-    here (relative to the YAML's folder), so the model holds them as secrets."""
+    """Load an inventory YAML. `ssh.private_key_file`, `ssh.known_hosts_file` and
+    `ssh.sudo_password_file` are read here (relative to the YAML's folder), so the model holds
+    them as secrets."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -222,12 +226,15 @@ def load_inventory_file(path: str | Path) -> Cluster:
     if not isinstance(data, dict):
         raise InventoryError(f"inventory {path}: expected a mapping with name, nova_version, masters")
     ssh = dict(data.get("ssh") or {})
-    for key, target in (("private_key_file", "private_key"), ("known_hosts_file", "known_hosts")):
+    for key, target in (("private_key_file", "private_key"), ("known_hosts_file", "known_hosts"),
+                        ("sudo_password_file", "sudo_password")):
         if key in ssh:
             file = Path(ssh.pop(key)).expanduser()
             file = file if file.is_absolute() else path.parent / file
             try:
                 ssh[target] = file.read_text()
+                if target == "sudo_password":
+                    ssh[target] = ssh[target].rstrip("\n")  # the file's one line, not its newline
             except OSError as err:
                 raise InventoryError(f"inventory {path}: ssh.{key}: cannot read {file}: {err.strerror}") from None
     data["ssh"] = ssh

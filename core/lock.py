@@ -113,6 +113,7 @@ class Seen:
     now: float = 0.0
     error: str = ""
     holder_alive: bool | None = None  # as decide() was told
+    refused: bool = False  # the master refused us (login or sudo): asking again cannot help
 
 
 def busy_message(cluster: str, seen: list[Seen], n_masters: int, waited: float, lock_path: str) -> str:

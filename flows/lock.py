@@ -29,7 +29,7 @@ from typing import Iterator
 
 from prefect.context import FlowRunContext
 
-from core.errors import ClusterBusy, ConnectError, LockLost, NovaDRError
+from core.errors import AuthError, ClusterBusy, ConnectError, LockLost, NovaDRError
 from core.inventory import Cluster, Master
 from core.lock import TAKE, Holder, LockUnreadable, Seen, Verdict, busy_message, decide, majority, parse_holder
 from core.plan import Plan
@@ -150,11 +150,11 @@ class ClusterLock:
             try:
                 conn = connect(self.cluster, m)
             except ConnectError as err:
-                return Seen(m.etcd_member, error=str(err))
+                return Seen(m.etcd_member, error=str(err), refused=isinstance(err, AuthError))
             try:
                 return fn(conn, m)
             except NovaDRError as err:  # an unreachable master, or a lock command that failed there
-                return Seen(m.etcd_member, error=str(err))
+                return Seen(m.etcd_member, error=str(err), refused=isinstance(err, AuthError))
             finally:
                 conn.close()
 
@@ -170,6 +170,9 @@ class ClusterLock:
             if len(self.held) >= need:
                 break
             self._give_back()  # a minority is worth nothing, and would block the others
+            refused = [s.error for s in seen if s.refused]
+            if refused:  # asking again would only repeat a wrong password (and may lock the account)
+                raise AuthError(f"cluster {self.name}: cannot take the recovery lock: " + "; ".join(refused))
             if time.monotonic() - started >= wait_seconds:
                 raise ClusterBusy(busy_message(self.name, seen, len(self.cluster.masters),
                                                time.monotonic() - started, lock_path(self.cluster.masters[0], self.name)))

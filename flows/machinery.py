@@ -26,7 +26,8 @@ from prefect.flow_runs import FlowPauseTimeout, pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from core.errors import ConnectError, NotApproved, NovaDRError, PlanChanged
+from core.errors import AuthError, ConnectError, NotApproved, NovaDRError, PlanChanged, PreflightError
+from core.etcd import env_mismatches
 from core.facts import ClusterFacts, MasterFacts
 from core.inventory import Cluster
 from core.plan import Plan, Step
@@ -134,6 +135,7 @@ def read_master_facts(run: Run, member: str) -> MasterFacts:
             data_dir_exists=probe.get("exists", False), data_dir_has_member=probe.get("member", False),
             data_dir_mount_point=probe.get("mount_point", False), data_dir_bytes=probe.get("bytes", 0),
             free_bytes=probe.get("free", 0), manifest=probe.get("manifest", ""), entries=tuple(probe["entries"]),
+            mismatches=tuple(env_mismatches(m, run.cluster.etcd_token, env, m.paths.etcd_env)),
         )
     except ConnectError as err:
         return MasterFacts(member=member, node=m.node, reachable=False, error=str(err))
@@ -150,6 +152,14 @@ def preflight(run: Run) -> ClusterFacts:
     facts = gather_facts(run)
     get_run_logger().info("preflight:\n%s", facts_table(facts, markdown=False))
     return facts
+
+
+def refuse_mismatched(facts: ClusterFacts) -> None:
+    """Before any plan: the inventory must describe the etcd that really runs on each master."""
+    wrong = [w for f in facts.masters for w in f.mismatches]
+    if wrong:
+        raise PreflightError("the inventory does not match the masters: " + "; ".join(wrong)
+                             + ". Correct the inventory (or the env file), then run again; nothing was changed")
 
 
 def facts_table(facts: ClusterFacts, markdown: bool = True) -> str:
@@ -251,6 +261,8 @@ def _retry_only_transient(task, task_run, state) -> bool:
     # before acting, so the retry never repeats a change that already landed.
     try:
         state.result()
+    except AuthError:  # a refused login or sudo: a retry asks again with the same key or password
+        return False
     except ConnectError:
         return True
     except Exception:
@@ -313,8 +325,12 @@ def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: d
     `make_plan` refuses (raises) when the facts do not allow the procedure. Returns the facts
     before, the plan, who approved, and each step's result."""
     log = get_run_logger()
+    def checked_plan(facts: ClusterFacts) -> Plan:
+        refuse_mismatched(facts)
+        return make_plan(facts)
+
     before = preflight(run)
-    plan = with_lock_notes(make_plan(before), run.lock)
+    plan = with_lock_notes(checked_plan(before), run.lock)
     log.info("%s", plan.text())
     publish(f"{slug(plan.flow)}-plan", plan.markdown(), f"What {plan.flow} will do")
     if not auto_approve:
@@ -325,5 +341,5 @@ def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: d
     if run.lock is not None:
         run.lock.ensure_held(now=True)  # a forced take-over during the wait is seen before any change
     if not auto_approve:
-        ensure_plan_unchanged(plan, make_plan(preflight(run)))
+        ensure_plan_unchanged(plan, checked_plan(preflight(run)))
     return before, plan, approval, execute_plan(run, plan, actions)

@@ -158,6 +158,7 @@ def _plan_only(flow_name: str, plan_fn, inventory: str, member: str | None, forc
     run = Run(flow_name, cluster, mc.derive_recovery_id(flow_name, cluster.name, member or "auto", None))
     try:
         facts = mc.gather_facts(run)
+        mc.refuse_mismatched(facts)
         plan = plan_fn(run, member, force)(facts)
         return plan.model_copy(update={"summary": plan.summary + "\n\nPreflight:\n" + mc.facts_table(facts, False)})
     finally:

@@ -328,6 +328,7 @@ def plan_restore(inventory: str, snapshot: str | None = None, recovery_id: str |
                       delete_old_data in (True, "true", "1", "yes"), tmp, store, backup, s3_block, identity_block)
         try:
             facts = mc.gather_facts(run)
+            mc.refuse_mismatched(facts)
             refuse_unsafe(facts, run.data["snapshot"])
             plan = make_plan(run, facts)
             return plan.model_copy(update={"summary": plan.summary + "\n\nPreflight:\n" + mc.facts_table(facts, False)})

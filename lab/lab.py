@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from core.inventory import Cluster, load_inventory_file
+from lab import accounts
 from lab.certs import make_ca, make_leaf
 from tasks.remote import connect
 
@@ -150,7 +151,9 @@ class Lab:
                               capture_output=True, text=True, check=check, timeout=timeout)
 
     # -- up --------------------------------------------------------------------------
-    def up(self, masters: int = 3, net: int = 0) -> str:
+    def up(self, masters: int = 3, net: int = 0, sudo_password: bool = False) -> str:
+        """Masters answer SSH as `nova` only (root login refused), with root through sudo:
+        NOPASSWD, or asking for a password (`sudo_password`, kept in DIR/sudo-password)."""
         if masters not in (1, 3, 5, 7):
             raise LabError(f"--masters {masters}: a lab has 1, 3, 5 or 7 masters")
         if not 0 <= net <= 254:
@@ -174,8 +177,12 @@ class Lab:
                            "`nova-dr lab down --dir THAT_DIR`, or pick other addresses with --net N")
         self._make_pki(lms)
         self._make_ssh(lms)
+        (self.dir / "sudo-password").unlink(missing_ok=True)
+        password = accounts.make_password(self.dir / "sudo-password") if sudo_password else None
         for lm in lms:
             self._lay_out_master(lm, lms)
+            accounts.write_account(Path(lm.node_dir) / "etc.up", Path(lm.node_dir) / "varlib.up",
+                                   f"{lm.node_dir}/bin", (self.dir / "ssh/id_ed25519.pub").read_text(), password)
         s3_port = _free_port()
         st = {"masters": [asdict(m) for m in lms], "net": net,
               "endpoints": [f"https://{m.address}:2379" for m in lms],
@@ -188,6 +195,14 @@ class Lab:
         self.state_file.write_text(json.dumps(st, indent=1))
         self._write_inventory(lms)
         self._write_env(st)
+        try:
+            self._start_members(lms, s3_port)
+        except BaseException:
+            self.down()  # a lab that failed half way leaves no process behind
+            raise
+        return f"lab up: {masters} masters in {self.dir}; `. {self.dir}/etcdctl.env` to use etcdctl"
+
+    def _start_members(self, lms: list[LabMaster], s3_port: int) -> None:
         for lm in lms:
             if not _wait_port(lm.address, 22, 10):
                 raise LabError(f"sshd of {lm.member} did not listen on {lm.address}:22; see {lm.node_dir}/sshd.log")
@@ -197,7 +212,6 @@ class Lab:
         self.wait_healthy()
         if not _wait_port("127.0.0.1", s3_port, 15):
             raise LabError("the S3 server (moto_server) did not start; see DIR/s3.log")
-        return f"lab up: {masters} masters in {self.dir}; `. {self.dir}/etcdctl.env` to use etcdctl"
 
     def _lab_master(self, i: int, n: int, net: int) -> LabMaster:
         node_dir = self.dir / "nodes" / f"etcd{i}"
@@ -232,7 +246,6 @@ class Lab:
         ssh.mkdir(parents=True, exist_ok=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nova-dr-lab", "-f", str(ssh / "id_ed25519")],
                        check=True)
-        shutil.copy(ssh / "id_ed25519.pub", ssh / "authorized_keys")
         known = []
         for lm in lms:
             nd = Path(lm.node_dir)
@@ -296,7 +309,7 @@ class Lab:
             "Restart=no\n\n[Install]\nWantedBy=multi-user.target\n")
         (nd / "sshd_config").write_text(
             f"ListenAddress {lm.address}:22\nHostKey {nd}/ssh_host_ed25519_key\nPidFile {nd}/run/sshd.pid\n"
-            f"AuthorizedKeysFile {self.dir}/ssh/authorized_keys\nPermitRootLogin prohibit-password\n"
+            "PermitRootLogin no\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "Subsystem sftp internal-sftp\nMaxSessions 64\nMaxStartups 64:30:128\nLogLevel ERROR\n"
             f"SetEnv SHLVL=1 PATH={nd}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
@@ -305,6 +318,8 @@ class Lab:
         nd = lm.node_dir
         mounts = [f"mount -t overlay overlay -o lowerdir={src},upperdir={nd}/{up}.up,workdir={nd}/{up}.work {src}"
                   for src, up in (("/etc", "etc"), ("/var/lib", "varlib"), ("/opt", "opt"))]
+        # A private /run: sudo keeps its state there (/run/sudo), and sshd its privsep dir.
+        mounts += ["mount -t tmpfs -o mode=0755 tmpfs /run", "mkdir -p /run/sshd"]
         if lm.mount_point:
             mounts.append(f"mount --bind {nd}/etcd-disk /var/lib/etcd")
         script = " && ".join(mounts + [f"exec {SSHD} -D -e -f {nd}/sshd_config"])
@@ -326,9 +341,10 @@ class Lab:
         inv = {
             "name": f"lab{self.state().get('net', 0)}", "nova_version": NOVA_VERSION, "k8s_version": f"v{K8S_VERSION}",
             "etcd_token": "k8s_etcd", "unseal_threshold": 3,
-            "ssh": {"private_key_file": "ssh/id_ed25519", "known_hosts_file": "known_hosts"},
+            "ssh": {"private_key_file": "ssh/id_ed25519", "known_hosts_file": "known_hosts", "become": "sudo",
+                    **({"sudo_password_file": "sudo-password"} if (self.dir / "sudo-password").exists() else {})},
             "masters": [{"node": lm.node, "archive_name": lm.node.split(".")[0] + "-nova-internal",
-                         "address": lm.address, "etcd_member": lm.member} for lm in lms],
+                         "address": lm.address, "ssh_user": accounts.USER, "etcd_member": lm.member} for lm in lms],
         }
         (self.dir / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
 

@@ -35,13 +35,22 @@ exit 0
 
 # Move the old member dir into quarantine, then the restored one into place, then mark it.
 # Each stage checks what is already done, so a run killed anywhere in it can run again.
+# What we create takes the data dir's owner, group (and SELinux label): a `User=etcd` unit
+# cannot start on a member dir that root owns. The data dir itself is the reference: it is
+# there even when the member dir was wiped.
 SWAP = r"""
 set -eu
 d=$1; stage=$2; q=$3; marker=$4
 [ -e "$marker" ] && { echo already; exit 0; }
+like_data_dir() {
+  chown -R --reference="$d" "$@"
+  if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled; then chcon -R --reference="$d" "$@"; fi
+}
 if [ -d "$stage/member" ]; then
+  like_data_dir "$stage/member"
   if [ -d "$d/member" ]; then
-    mkdir -p "$q"
+    mkdir -p -m 0700 "$q"
+    like_data_dir "$q"
     [ -e "$q/member" ] && { echo "$q/member exists; refusing to overwrite it" >&2; exit 3; }
     mv "$d/member" "$q/member"
     echo quarantined
@@ -62,6 +71,7 @@ f=$1; keep=$2
 [ -n "$keep" ] && [ ! -e "$keep" ] && cp -p "$f" "$keep"
 cat > "$f.nova-dr-new"
 chmod --reference="$f" "$f.nova-dr-new" 2>/dev/null || true
+chown --reference="$f" "$f.nova-dr-new" 2>/dev/null || true
 # A bind-mounted file cannot be renamed over (EBUSY): then write it in place.
 mv -f "$f.nova-dr-new" "$f" 2>/dev/null || { cat "$f.nova-dr-new" > "$f"; rm -f "$f.nova-dr-new"; }
 """
@@ -201,7 +211,8 @@ set -eu
 d=$1; q=$2; marker=$3
 [ -e "$marker" ] && { echo already; exit 0; }
 if [ -d "$d/member" ]; then
-  mkdir -p "$q"
+  mkdir -p -m 0700 "$q"
+  chown --reference="$d" "$q"  # the data dir's owner, as in SWAP
   [ -e "$q/member" ] && { echo "$q/member exists; refusing to overwrite it" >&2; exit 3; }
   mv "$d/member" "$q/member"
   echo quarantined

@@ -1,6 +1,7 @@
 """Remote execution: run a command, put a file, get a file, on a master.
 
-Commands are argv lists, quoted with shlex.quote: nothing from the inventory or a parameter
+Commands are argv lists, quoted with shlex.quote (tasks/become.py, which also puts sudo in
+front where the inventory says `ssh.become: sudo`): nothing from the inventory or a parameter
 is ever pasted into a shell string unquoted. Host keys are checked strictly by default.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import random
-import shlex
 import shutil
 import socket
 import subprocess
@@ -23,8 +23,9 @@ from typing import Protocol, Sequence
 
 import paramiko
 
-from core.errors import CommandError, ConnectError, ConnectionLost
+from core.errors import AuthError, BecomeError, CommandError, ConnectError, ConnectionLost
 from core.inventory import Cluster, Master
+from tasks.become import command_line, sudo_refusal
 
 log = logging.getLogger("nova_dr.remote")
 
@@ -76,10 +77,6 @@ def _recorded():
     finally:
         for r in list(_recorders):
             r.append((t0, time.monotonic()))
-
-
-def shell_join(argv: Sequence[str]) -> str:
-    return " ".join(shlex.quote(str(a)) for a in argv)
 
 
 def _check(name: str, argv: Sequence[str], res: Result, check: bool) -> Result:
@@ -169,6 +166,17 @@ class SSHConnector:
         self._ssh = cluster.ssh
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
+        pw = cluster.ssh.sudo_password
+        self._become = (cluster.ssh.become, pw.get_secret_value() if pw is not None else None)
+
+    def _command(self, argv) -> tuple[str, bytes]:
+        return command_line(argv, *self._become)
+
+    def _refused(self, argv, code: int, stderr: str) -> None:
+        """A command sudo never ran is not the command's answer, even where a failure is expected."""
+        if self._become[0] == "sudo" and (why := sudo_refusal(code, stderr)):
+            raise BecomeError(f"{self.name}: sudo refused to run `{argv[0]}` as root for {self.master.ssh_user} "
+                              f"({why}); check ssh.become, ssh.sudo_password and the sudo rules on the master")
 
     # -- connecting ------------------------------------------------------------------
     def _connect_once(self) -> paramiko.SSHClient:
@@ -214,20 +222,20 @@ class SSHConnector:
             try:
                 return self._connect_once()
             except paramiko.BadHostKeyException:
-                raise ConnectError(
+                raise AuthError(
                     f"{where}: the host key CHANGED since it was recorded in known_hosts. "
                     "If the master was really reinstalled, verify the new key out of band, then "
                     f"`ssh-keygen -R '{hk}'` and `ssh-keyscan -p {m.ssh_port} {m.address}` into "
                     "the inventory's known_hosts; otherwise treat this as an attack"
                 ) from None
             except paramiko.AuthenticationException:
-                raise ConnectError(
+                raise AuthError(
                     f"{where}: authentication refused; check ssh.private_key and that its public "
                     f"key is in {m.ssh_user}'s authorized_keys on the master"
                 ) from None
             except paramiko.SSHException as err:
                 if "not found in known_hosts" in str(err):
-                    raise ConnectError(
+                    raise AuthError(
                         f"{where}: host key unknown (not in the inventory's known_hosts). Verify it "
                         f"and add it: `ssh-keyscan -p {m.ssh_port} {m.address} >> known_hosts`"
                     ) from None
@@ -245,10 +253,13 @@ class SSHConnector:
     def run(self, argv, *, timeout=120, check=True, stdin=None) -> Result:
         out = io.BytesIO()
         res = self._exec(argv, out, timeout, stdin)
+        self._refused(argv, res.code, res.stderr)
         return _check(self.name, argv, Result(res.code, out.getvalue().decode(errors="replace"), res.stderr), check)
 
     def stream(self, argv, sink, *, timeout=3600) -> Result:
-        return _check(self.name, argv, self._exec(argv, sink, timeout, None), True)
+        res = self._exec(argv, sink, timeout, None)
+        self._refused(argv, res.code, res.stderr)
+        return _check(self.name, argv, res, True)
 
     def _open_channel(self):
         last: Exception | None = None
@@ -273,9 +284,10 @@ class SSHConnector:
         chan = self._open_channel()
         try:
             chan.settimeout(timeout)
-            chan.exec_command(shell_join(argv))
-            if stdin:
-                chan.sendall(stdin)
+            line, first = self._command(argv)
+            chan.exec_command(line)
+            if first or stdin:
+                chan.sendall(first + (stdin or b""))
             chan.shutdown_write()
             err = bytearray()
             deadline = time.monotonic() + timeout
@@ -322,8 +334,11 @@ class SSHConnector:
             chan = self._open_channel()
             try:
                 chan.settimeout(self._ssh.connect_timeout + 60)
-                chan.exec_command(shell_join(argv))
+                line, first = self._command(argv)
+                chan.exec_command(line)
                 try:
+                    if first:
+                        chan.sendall(first)
                     while chunk := f.read(1 << 20):
                         chan.sendall(chunk)
                     chan.shutdown_write()
@@ -345,6 +360,7 @@ class SSHConnector:
             finally:
                 chan.close()
         # Named by what it does: the script itself would make an unreadable message.
+        self._refused(["put", remote], code, err.decode(errors="replace"))
         _check(self.name, ["put", str(local), remote], Result(code, "", err.decode(errors="replace")), True)
 
     def get_file(self, remote, local) -> None:

@@ -58,8 +58,8 @@ def lab3():
 def lab_factory():
     labs = []
 
-    def make(n: int):
-        labs.append(make_lab(n))
+    def make(n: int, sudo_password: bool = False):
+        labs.append(make_lab(n, sudo_password))
         return labs[-1]
 
     yield make

@@ -222,3 +222,31 @@ def test_summarize_log_keeps_the_panic_not_the_stack():
     s = summarize_log(cap("etcd_log_corrupt_db.txt"))
     assert s.startswith("panic: failed to open database (file size too small)") and "goroutine" not in s
     assert summarize_log("a\nb\n") == "a | b"
+
+
+def test_the_inventory_is_compared_with_the_masters_env_file():
+    from core.etcd import env_mismatches
+    from core.inventory import Master
+
+    env = {
+        "ETCD_NAME": "etcd3", "ETCD_DATA_DIR": "/var/lib/etcd/", "ETCD_INITIAL_CLUSTER_TOKEN": "k8s_etcd",
+        "ETCD_INITIAL_ADVERTISE_PEER_URLS": "https://10.0.0.3:2380",
+        "ETCD_ADVERTISE_CLIENT_URLS": "https://10.0.0.3:2379,https://127.0.0.1:2379"}
+    m = Master(node="n3", address="10.0.0.3", etcd_member="etcd3")
+    assert env_mismatches(m, "k8s_etcd", env, "/etc/etcd.env") == []  # a trailing slash, a second URL: the same
+    wrong = Master(node="n3", address="10.0.0.4", etcd_member="etcd4", paths={"data_dir": "/data/etcd"})
+    got = env_mismatches(wrong, "other-token", env, "/etc/etcd.env")
+    assert got == [
+        "etcd4 (/etc/etcd.env): ETCD_NAME='etcd3' but the inventory says etcd_member 'etcd4'",
+        "etcd4 (/etc/etcd.env): ETCD_DATA_DIR='/var/lib/etcd/' but the inventory says paths.data_dir '/data/etcd'",
+        "etcd4 (/etc/etcd.env): ETCD_INITIAL_ADVERTISE_PEER_URLS='https://10.0.0.3:2380' but the inventory says "
+        "peer_url 'https://10.0.0.4:2380'",
+        "etcd4 (/etc/etcd.env): ETCD_ADVERTISE_CLIENT_URLS='https://10.0.0.3:2379,https://127.0.0.1:2379' but the "
+        "inventory says client_url 'https://10.0.0.4:2379'",
+        "etcd4 (/etc/etcd.env): ETCD_INITIAL_CLUSTER_TOKEN='k8s_etcd' but the inventory says etcd_token "
+        "'other-token'"]
+    # Settings the env file does not carry (flags in ExecStart=) cannot be compared: not refused.
+    assert env_mismatches(wrong, "other-token", {}, "/etc/etcd.env") == []
+    # A WAL outside the data dir would be left behind by a restore.
+    assert "is outside the data dir" in env_mismatches(m, "k8s_etcd", {**env, "ETCD_WAL_DIR": "/wal"}, "/e")[0]
+    assert env_mismatches(m, "k8s_etcd", {**env, "ETCD_WAL_DIR": "/var/lib/etcd/member/wal"}, "/e") == []

@@ -85,3 +85,26 @@ def test_lab_systemctl_is_not_fooled_by_a_reused_pid(lab_factory):
         other.kill()
         other.wait()
         conn.close()
+
+
+def test_root_cannot_log_in_and_nova_gets_root_only_through_sudo(lab3):
+    from core.errors import ConnectError
+
+    cluster = lab3.cluster()
+    m = cluster.masters[0]
+    assert m.ssh_user == "nova" and cluster.ssh.become == "sudo"
+    as_root = cluster.model_copy(update={"masters": [m.model_copy(update={"ssh_user": "root"})]})
+    with pytest.raises(ConnectError, match="authentication refused"):
+        connect(as_root, as_root.masters[0]).run(["true"])
+    plain = connect(cluster.model_copy(update={"ssh": cluster.ssh.model_copy(update={"become": "none"})}), m)
+    try:
+        assert plain.run(["id", "-un"]).stdout.strip() == "nova"
+        assert plain.run(["cat", "/etc/kubernetes/pki/ca.key"], check=False).code != 0  # not root
+    finally:
+        plain.close()
+    sudo = connect(cluster, m)
+    try:
+        assert sudo.run(["id", "-u"]).stdout.strip() == "0"
+        assert "PRIVATE KEY" in sudo.run(["cat", "/etc/kubernetes/pki/ca.key"]).stdout
+    finally:
+        sudo.close()

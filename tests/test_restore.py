@@ -279,3 +279,85 @@ def test_refusals_change_nothing(lab3, tmp_path, clean_listeners):
     os.kill(lab3.master("etcd3").sshd_pid, signal.SIGKILL)  # etcd3 unreachable over SSH
     msg = refused(snap)
     assert "etcd3 unreachable over SSH" in msg and "nova-master-3.lab.local" in msg
+
+
+def _inventory_with(lab, tmp_path: Path, member: str, **changes) -> str:
+    """The lab's inventory with one master's entries changed (paths as a dict)."""
+    import yaml
+
+    inv = yaml.safe_load((lab.dir / "inventory.yaml").read_text())
+    for k in ("private_key_file", "known_hosts_file"):  # relative to the lab's folder
+        inv["ssh"][k] = str(lab.dir / inv["ssh"][k])
+    m = next(x for x in inv["masters"] if x["etcd_member"] == member)
+    m.update(changes)
+    out = tmp_path / f"inventory-{member}-{'-'.join(changes)}.yaml"
+    out.write_text(yaml.safe_dump(inv))
+    return str(out)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"paths": {"data_dir": "/var/lib/etcd-old"}},
+     "etcd3 (/etc/etcd.env): ETCD_DATA_DIR='/var/lib/etcd' but the inventory says paths.data_dir '/var/lib/etcd-old'"),
+    ({"peer_url": "https://{addr}:2390"},
+     "ETCD_INITIAL_ADVERTISE_PEER_URLS='https://{addr}:2380' but the inventory says peer_url 'https://{addr}:2390'"),
+])
+def test_an_inventory_that_differs_from_a_masters_env_file_is_refused_before_the_gate(lab3, tmp_path, change,
+                                                                                      expected):
+    snap, _ = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd1", "corrupt")
+    lab3.break_member("etcd2", "wipe")
+    addr = lab3.master("etcd3").address
+    change = {k: v.format(addr=addr) if isinstance(v, str) else v for k, v in change.items()}
+    inv = _inventory_with(lab3, tmp_path, "etcd3", **change)
+    before = fingerprint(lab3)
+    state = restore_etcd_cluster(inventory=inv, snapshot=str(snap), auto_approve=True, return_state=True)
+    msg = error_of(state)
+    assert not state.is_completed() and expected.format(addr=addr) in msg, msg
+    assert "the inventory does not match the masters" in msg and "nothing was changed" in msg
+    assert fingerprint(lab3) == before
+
+
+def test_a_member_named_otherwise_in_the_inventory_is_refused_by_every_recovery(lab3, tmp_path):
+    from flows.member import replace_etcd_member, restart_etcd_member
+
+    lab3.break_member("etcd2", "stop")
+    # etcd3 listed as "etcd9": a replacement would `member remove` a member that does not exist
+    # and start etcd3 under another name.
+    inv = _inventory_with(lab3, tmp_path, "etcd3", etcd_member="etcd9")
+    before = fingerprint(lab3)
+    for f, kw in ((replace_etcd_member, {"member": "etcd2"}), (restart_etcd_member, {"member": "etcd2"})):
+        state = f(inventory=inv, auto_approve=True, return_state=True, **kw)
+        assert "ETCD_NAME='etcd3' but the inventory says etcd_member 'etcd9'" in error_of(state), error_of(state)
+    assert fingerprint(lab3) == before
+
+
+def test_what_a_restore_puts_in_place_belongs_to_the_data_dirs_owner(lab3, tmp_path):
+    """A `User=etcd` unit cannot start on a member dir that root owns: the restored member dir
+    and the quarantine take the data dir's owner (here uid 4243, an "etcd" user of the lab)."""
+    snap, expected = prepare_lab(lab3, tmp_path)
+    cluster = lab3.cluster()
+    for m in cluster.masters:  # as a package would have left it: etcd's data dir, etcd's files
+        conn = connect(cluster, m)
+        conn.run(["chown", "-R", "4243:4243", m.paths.data_dir])
+        conn.run(["chmod", "0700", m.paths.data_dir])
+        # "existing", as a member replacement leaves it: the restore must rewrite the env file.
+        conn.run(["sed", "-i", "s/^ETCD_INITIAL_CLUSTER_STATE=.*/ETCD_INITIAL_CLUSTER_STATE=existing/",
+                  m.paths.etcd_env])
+        conn.run(["chown", "4243:4243", m.paths.etcd_env])
+        conn.close()
+    lab3.break_member("etcd2", "corrupt")
+    lab3.break_member("etcd3", "wipe")  # the mount point: its member dir is gone, the data dir stays
+    state = restore_etcd_cluster(inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True,
+                                 return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert_restored(lab3, expected)
+    for lm in lab3.masters():
+        member = Path(lm.data_dir_host) / "member"
+        # What the restore put there (the lab's etcd runs as root: files it made since are root's).
+        ours = [member, member / "snap", member / "snap/db", member / "wal", *(member / "wal").glob("0000000000000000-*")]
+        owners = {(p.stat().st_uid, p.stat().st_gid) for p in ours}
+        assert len(ours) == 5 and owners == {(4243, 4243)}, (lm.member, owners)
+        for q in quarantines(lab3, lm.member):
+            assert (q.stat().st_uid, q.stat().st_mode & 0o777) == (4243, 0o700)
+        env = Path(lm.node_dir) / "etc.up/etcd.env"
+        assert "ETCD_INITIAL_CLUSTER_STATE=new\n" in env.read_text() and env.stat().st_uid == 4243  # rewritten, owner kept
