@@ -23,7 +23,9 @@ class ClusterInventory(Block):
         description="The inventory YAML without ssh.private_key_file/known_hosts_file "
         "(they are the two secret fields below)."
     )
-    ssh_private_key: SecretStr = Field(description="SSH private key for the masters (OpenSSH text).")
+    ssh_private_key: SecretStr | None = Field(None, description="SSH private key for the masters (OpenSSH text); "
+                                              "empty with ssh.use_agent: true, for the ssh-agent's keys only.")
+    key_passphrase: SecretStr | None = Field(None, description="The private key's passphrase, if it has one.")
     known_hosts: SecretStr = Field(description="known_hosts lines, one or more per master.")
     sudo_password: SecretStr | None = Field(None, description="The SSH user's sudo password, for ssh.become: "
                                             "sudo without NOPASSWD (sent to sudo on stdin only).")
@@ -34,16 +36,17 @@ class ClusterInventory(Block):
             raise InventoryError(f"inventory block:{name}: inventory_yaml must be a mapping")
         ssh = dict(data.get("ssh") or {})
         for key in ("private_key_file", "known_hosts_file", "private_key", "known_hosts", "sudo_password_file",
-                    "sudo_password"):
+                    "sudo_password", "key_passphrase_file", "key_passphrase"):
             if key in ssh:
                 raise InventoryError(
                     f"inventory block:{name}: ssh.{key} in inventory_yaml; put the key and "
                     "known_hosts in the block's secret fields instead"
                 )
-        ssh["private_key"] = self.ssh_private_key.get_secret_value()
         ssh["known_hosts"] = self.known_hosts.get_secret_value()
-        if self.sudo_password is not None:
-            ssh["sudo_password"] = self.sudo_password.get_secret_value()
+        for key, value in (("private_key", self.ssh_private_key), ("sudo_password", self.sudo_password),
+                           ("key_passphrase", self.key_passphrase)):
+            if value is not None:
+                ssh[key] = value.get_secret_value()
         data["ssh"] = ssh
         return parse_inventory(data, f"block:{name}")
 
@@ -59,6 +62,7 @@ class ClusterInventory(Block):
             ssh_private_key=cluster.ssh.private_key,
             known_hosts=cluster.ssh.known_hosts,
             sudo_password=cluster.ssh.sudo_password,
+            key_passphrase=cluster.ssh.key_passphrase,
         )
 
 

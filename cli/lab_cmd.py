@@ -20,11 +20,13 @@ def _fail(err: Exception) -> None:
 def up(dir: str = DirOpt, masters: int = typer.Option(3, "--masters", help="1, 3, 5 or 7"),
        net: int = typer.Option(0, "--net", help="third octet of the masters' 127.0.NET.x addresses"),
        sudo_password: bool = typer.Option(False, "--sudo-password",
-                                          help="the operator's sudo asks for a password (kept in DIR/sudo-password)")) -> None:
+                                          help="the operator's sudo asks for a password (kept in DIR/sudo-password)"),
+       bastion: bool = typer.Option(False, "--bastion", help="the inventory reaches the masters through a jump "
+                                    "host on 127.0.NET.10")) -> None:
     """Build and start the lab (idempotent: a running lab is left as it is). The masters answer
     SSH as `nova`, with root through sudo; root cannot log in."""
     try:
-        typer.echo(Lab(dir).up(masters, net, sudo_password))
+        typer.echo(Lab(dir).up(masters, net, sudo_password, bastion))
     except LabError as err:
         _fail(err)
 

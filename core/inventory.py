@@ -104,8 +104,20 @@ class Master(_Strict):
         return v.rstrip("/")
 
 
+class JumpHost(_Strict):
+    """A bastion the masters are reached through, checked as strictly as they are."""
+
+    address: str = Field(description="the bastion's address; its host key must be in known_hosts")
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field("", description="default: each master's ssh_user")
+
+
 class SSHSettings(_Strict):
-    private_key: SecretStr = Field(description="the SSH private key (OpenSSH or PEM text)")
+    private_key: SecretStr | None = Field(None, description="the SSH private key (OpenSSH or PEM text); "
+                                          "none: only the ssh-agent's keys (use_agent)")
+    key_passphrase: SecretStr | None = Field(None, description="the private key's passphrase, if it has one")
+    use_agent: bool = Field(False, description="offer the keys of the ssh-agent at $SSH_AUTH_SOCK too")
+    jump_host: JumpHost | None = Field(None, description="reach the masters through this bastion (ssh -J)")
     known_hosts: SecretStr = Field(description="known_hosts lines for every master")
     strict_host_keys: bool = Field(True, description="refuse unknown or changed host keys")
     connect_timeout: float = Field(10.0, gt=0)
@@ -113,6 +125,12 @@ class SSHSettings(_Strict):
     become: Literal["none", "sudo"] = Field(
         "none", description="how commands get root: none (the user is root) or sudo (NOPASSWD, or sudo_password)")
     sudo_password: SecretStr | None = Field(None, description="the user's sudo password, sent to sudo on stdin only")
+
+    @model_validator(mode="after")
+    def _a_key(self) -> "SSHSettings":
+        if self.private_key is None and not self.use_agent:
+            raise ValueError("no SSH key: give ssh.private_key_file, or use_agent: true for the ssh-agent's keys")
+        return self
 
 
 class Cluster(_Strict):
@@ -227,13 +245,13 @@ def load_inventory_file(path: str | Path) -> Cluster:
         raise InventoryError(f"inventory {path}: expected a mapping with name, nova_version, masters")
     ssh = dict(data.get("ssh") or {})
     for key, target in (("private_key_file", "private_key"), ("known_hosts_file", "known_hosts"),
-                        ("sudo_password_file", "sudo_password")):
+                        ("sudo_password_file", "sudo_password"), ("key_passphrase_file", "key_passphrase")):
         if key in ssh:
             file = Path(ssh.pop(key)).expanduser()
             file = file if file.is_absolute() else path.parent / file
             try:
                 ssh[target] = file.read_text()
-                if target == "sudo_password":
+                if target in ("sudo_password", "key_passphrase"):
                     ssh[target] = ssh[target].rstrip("\n")  # the file's one line, not its newline
             except OSError as err:
                 raise InventoryError(f"inventory {path}: ssh.{key}: cannot read {file}: {err.strerror}") from None

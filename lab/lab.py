@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from core.inventory import Cluster, load_inventory_file
-from lab import accounts
+from lab import accounts, bastion
 from lab.certs import make_ca, make_leaf
 from tasks.remote import connect
 
@@ -151,9 +151,10 @@ class Lab:
                               capture_output=True, text=True, check=check, timeout=timeout)
 
     # -- up --------------------------------------------------------------------------
-    def up(self, masters: int = 3, net: int = 0, sudo_password: bool = False) -> str:
+    def up(self, masters: int = 3, net: int = 0, sudo_password: bool = False, jump_host: bool = False) -> str:
         """Masters answer SSH as `nova` only (root login refused), with root through sudo:
-        NOPASSWD, or asking for a password (`sudo_password`, kept in DIR/sudo-password)."""
+        NOPASSWD, or asking for a password (`sudo_password`, kept in DIR/sudo-password).
+        `jump_host`: the inventory reaches them through a bastion on 127.0.NET.10."""
         if masters not in (1, 3, 5, 7):
             raise LabError(f"--masters {masters}: a lab has 1, 3, 5 or 7 masters")
         if not 0 <= net <= 254:
@@ -171,7 +172,8 @@ class Lab:
             shutil.rmtree(self.dir / sub, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         lms = [self._lab_master(i, masters, net) for i in range(1, masters + 1)]
-        busy = [m.address for m in lms if _wait_port(m.address, 22, 0.2)]
+        busy = [a for a in [m.address for m in lms] + ([f"127.0.{net}.10"] if jump_host else [])
+                if _wait_port(a, 22, 0.2)]
         if busy:
             raise LabError(f"{', '.join(busy)}: port 22 already answers (another lab?). Stop it with "
                            "`nova-dr lab down --dir THAT_DIR`, or pick other addresses with --net N")
@@ -184,26 +186,35 @@ class Lab:
             accounts.write_account(Path(lm.node_dir) / "etc.up", Path(lm.node_dir) / "varlib.up",
                                    f"{lm.node_dir}/bin", (self.dir / "ssh/id_ed25519.pub").read_text(), password)
         s3_port = _free_port()
+        jump = None
+        if jump_host:
+            jump = LabMaster(member="bastion", node="bastion.lab.local", address=f"127.0.{net}.10",
+                             node_dir=str(self.dir / "nodes" / "bastion"), data_dir_host="", mount_point=False)
+            line = bastion.lay_out(Path(jump.node_dir), jump.address, (self.dir / "ssh/id_ed25519.pub").read_text())
+            with open(self.dir / "known_hosts", "a") as f:
+                f.write(line + "\n")
         st = {"masters": [asdict(m) for m in lms], "net": net,
               "endpoints": [f"https://{m.address}:2379" for m in lms],
               "s3": {"endpoint": f"http://127.0.0.1:{s3_port}", "pid": 0}}
         self.state_file.write_text(json.dumps(st, indent=1))
-        for lm in lms:
+        for lm in lms + ([jump] if jump else []):
             lm.sshd_pid = self._start_sshd(lm)
         st["masters"] = [asdict(m) for m in lms]
+        if jump:
+            st["bastion"] = asdict(jump)
         st["s3"]["pid"] = self._start_s3(s3_port)
         self.state_file.write_text(json.dumps(st, indent=1))
         self._write_inventory(lms)
         self._write_env(st)
         try:
-            self._start_members(lms, s3_port)
+            self._start_members(lms + ([jump] if jump else []), s3_port)
         except BaseException:
             self.down()  # a lab that failed half way leaves no process behind
             raise
         return f"lab up: {masters} masters in {self.dir}; `. {self.dir}/etcdctl.env` to use etcdctl"
 
     def _start_members(self, lms: list[LabMaster], s3_port: int) -> None:
-        for lm in lms:
+        for lm in lms:  # the bastion too, if there is one
             if not _wait_port(lm.address, 22, 10):
                 raise LabError(f"sshd of {lm.member} did not listen on {lm.address}:22; see {lm.node_dir}/sshd.log")
         cluster = self.cluster()
@@ -342,6 +353,8 @@ class Lab:
             "name": f"lab{self.state().get('net', 0)}", "nova_version": NOVA_VERSION, "k8s_version": f"v{K8S_VERSION}",
             "etcd_token": "k8s_etcd", "unseal_threshold": 3,
             "ssh": {"private_key_file": "ssh/id_ed25519", "known_hosts_file": "known_hosts", "become": "sudo",
+                    **({"jump_host": {"address": self.state()["bastion"]["address"]}} if self.state().get("bastion")
+                       else {}),
                     **({"sudo_password_file": "sudo-password"} if (self.dir / "sudo-password").exists() else {})},
             "masters": [{"node": lm.node, "archive_name": lm.node.split(".")[0] + "-nova-internal",
                          "address": lm.address, "ssh_user": accounts.USER, "etcd_member": lm.member} for lm in lms],
@@ -385,6 +398,7 @@ class Lab:
             return f"no lab at {self.dir}"
         pids = [self.etcd_pid(m["member"]) for m in st["masters"]]
         pids += [m["sshd_pid"] for m in st["masters"]] + [st.get("s3", {}).get("pid", 0)]
+        pids.append(st.get("bastion", {}).get("sshd_pid", 0))
         for pid in pids:
             if _pid_alive(pid):
                 os.kill(pid, signal.SIGTERM)

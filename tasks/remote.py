@@ -148,13 +148,22 @@ def _transport(sock, **kw) -> paramiko.Transport:
     return t
 
 
-def _load_private_key(text: str) -> paramiko.PKey:
+def _load_private_key(text: str, passphrase: str | None) -> paramiko.PKey:
+    encrypted = False
     for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
         try:
-            return cls.from_private_key(StringIO(text))
-        except (paramiko.SSHException, ValueError):
-            continue
-    raise ConnectError("ssh.private_key: not an unencrypted OpenSSH/PEM private key (ed25519, ecdsa or rsa)")
+            return cls.from_private_key(StringIO(text), password=passphrase)
+        except paramiko.PasswordRequiredException:
+            encrypted = True
+        except (paramiko.SSHException, ValueError) as err:
+            encrypted = encrypted or (passphrase is not None and "passphrase" in str(err).lower())
+    if encrypted and passphrase is None:
+        raise AuthError("ssh.private_key is protected by a passphrase: give ssh.key_passphrase_file (or the "
+                        "block's key_passphrase), or use_agent: true with the key in the ssh-agent")
+    if passphrase is not None:
+        raise AuthError("ssh.private_key: ssh.key_passphrase does not open it (or it is not an OpenSSH/PEM "
+                        "ed25519, ecdsa or rsa key)")
+    raise ConnectError("ssh.private_key: not an OpenSSH/PEM private key (ed25519, ecdsa or rsa)")
 
 
 class SSHConnector:
@@ -165,6 +174,7 @@ class SSHConnector:
         self.name = master.node
         self._ssh = cluster.ssh
         self._client: paramiko.SSHClient | None = None
+        self._jump: paramiko.SSHClient | None = None  # the bastion's connection, when there is one
         self._lock = threading.Lock()
         pw = cluster.ssh.sudo_password
         self._become = (cluster.ssh.become, pw.get_secret_value() if pw is not None else None)
@@ -179,27 +189,71 @@ class SSHConnector:
                               f"({why}); check ssh.become, ssh.sudo_password and the sudo rules on the master")
 
     # -- connecting ------------------------------------------------------------------
-    def _connect_once(self) -> paramiko.SSHClient:
-        m = self.master
+    def _pkey(self) -> paramiko.PKey | None:
+        s = self._ssh
+        if s.private_key is None:
+            return None  # the agent's keys only
+        return _load_private_key(s.private_key.get_secret_value(),
+                                 s.key_passphrase.get_secret_value() if s.key_passphrase is not None else None)
+
+    def _new_client(self, what: str) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
         _load_known_hosts(client, self._ssh.known_hosts.get_secret_value())
         if self._ssh.strict_host_keys:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         else:  # explicitly asked for in the inventory; logged loudly
-            log.warning("ssh.strict_host_keys is false: accepting %s's host key unchecked", m.node)
+            log.warning("ssh.strict_host_keys is false: accepting %s's host key unchecked", what)
             client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
+        return client
+
+    def _through_jump_host(self):
+        """A channel to the master through the bastion (`ssh -J`), the bastion's key checked too."""
+        j, m = self._ssh.jump_host, self.master
+        where = f"jump host {j.user or m.ssh_user}@{j.address}:{j.port}"
+        t = self._jump.get_transport() if self._jump is not None else None
+        if t is None or not t.is_active():
+            client = self._new_client(where)
+            try:
+                client.connect(j.address, port=j.port, username=j.user or m.ssh_user, pkey=self._pkey(),
+                               timeout=self._ssh.connect_timeout, banner_timeout=self._ssh.connect_timeout,
+                               auth_timeout=self._ssh.connect_timeout, allow_agent=self._ssh.use_agent,
+                               look_for_keys=False, transport_factory=_transport)
+            except paramiko.BadHostKeyException:
+                raise AuthError(f"{where}: its host key CHANGED since it was recorded in known_hosts; verify it out "
+                                f"of band, then `ssh-keygen -R '{_host_key_name(j.address, j.port)}'` and add the "
+                                "new one") from None
+            except paramiko.AuthenticationException:
+                raise AuthError(f"{where}: authentication refused; check ssh.private_key and the jump host's "
+                                "authorized_keys") from None
+            except paramiko.SSHException as err:
+                if "not found in known_hosts" in str(err):
+                    raise AuthError(f"{where}: host key unknown (not in the inventory's known_hosts). Verify it and "
+                                    f"add it: `ssh-keyscan -p {j.port} {j.address} >> known_hosts`") from None
+                raise
+            client.get_transport().set_keepalive(15)
+            self._jump = client
+        try:
+            return self._jump.get_transport().open_channel("direct-tcpip", (m.address, m.ssh_port), ("127.0.0.1", 0),
+                                                           timeout=self._ssh.connect_timeout)
+        except paramiko.ChannelException as err:
+            raise OSError(f"{where} could not reach {m.address}:{m.ssh_port}: {err}") from None
+
+    def _connect_once(self) -> paramiko.SSHClient:
+        m = self.master
+        client = self._new_client(m.node)
         client.connect(
             m.address, port=m.ssh_port, username=m.ssh_user,
-            pkey=_load_private_key(self._ssh.private_key.get_secret_value()),
-            timeout=self._ssh.connect_timeout, banner_timeout=self._ssh.connect_timeout,
-            auth_timeout=self._ssh.connect_timeout, allow_agent=False, look_for_keys=False,
+            sock=self._through_jump_host() if self._ssh.jump_host else None, pkey=self._pkey(), timeout=self._ssh.connect_timeout, banner_timeout=self._ssh.connect_timeout,
+            # The agent only where the inventory asks for it; never ~/.ssh/id_* behind its back.
+            auth_timeout=self._ssh.connect_timeout, allow_agent=self._ssh.use_agent, look_for_keys=False,
             transport_factory=_transport,
         )
         transport = client.get_transport()
         transport.set_keepalive(15)
         # Without it every command after the first waits ~40 ms: a small SSH message sits in
         # Nagle's buffer until the peer's delayed ACK (measured on the lab).
-        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = transport.sock if isinstance(transport.sock, socket.socket) else self._jump.get_transport().sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client
 
     def _client_or_connect(self) -> paramiko.SSHClient:
@@ -244,8 +298,9 @@ class SSHConnector:
                 last = err
             # Jitter, so that masters reconnecting together do not hit sshd in lockstep.
             time.sleep(min(4.0, 0.3 * 2**attempt) * (0.5 + random.random()))
+        via = f" through jump host {self._ssh.jump_host.address}" if self._ssh.jump_host else ""
         raise ConnectError(
-            f"{where}: unreachable after {self._ssh.connect_attempts} attempts ({last}); check the "
+            f"{where}: unreachable{via} after {self._ssh.connect_attempts} attempts ({last}); check the "
             "address, that sshd runs, and the network"
         )
 
@@ -386,6 +441,9 @@ class SSHConnector:
 
     def close(self) -> None:
         self._drop()
+        if self._jump is not None:
+            self._jump.close()
+            self._jump = None
 
 
 def _exit_code(chan: paramiko.Channel) -> int:

@@ -58,8 +58,8 @@ def lab3():
 def lab_factory():
     labs = []
 
-    def make(n: int, sudo_password: bool = False):
-        labs.append(make_lab(n, sudo_password))
+    def make(n: int, sudo_password: bool = False, bastion: bool = False):
+        labs.append(make_lab(n, sudo_password, bastion))
         return labs[-1]
 
     yield make

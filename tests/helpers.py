@@ -35,11 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 _nets = itertools.count(int(os.environ.get("NOVA_DR_TEST_NET", "100")))  # 127.0.NET.x per lab
 
 
-def make_lab(masters: int, sudo_password: bool = False) -> Lab:
+def make_lab(masters: int, sudo_password: bool = False, bastion: bool = False) -> Lab:
     """A fresh lab on its own 127.0.NET.x addresses."""
     net = next(_nets)
     lab = Lab(ROOT / f"lab-{net}")
-    lab.up(masters=masters, net=net, sudo_password=sudo_password)
+    lab.up(masters=masters, net=net, sudo_password=sudo_password, jump_host=bastion)
     return lab
 
 

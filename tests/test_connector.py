@@ -181,3 +181,78 @@ def test_a_cut_tar_stream_is_refused(tmp_path):
     stream_tar_gz(local, ["tar", "-cf", "-", "-C", str(tmp_path / "d"), "."], out)
     with pytest.raises(NovaDRError, match="ended early"):
         stream_tar_gz(local, ["sh", "-c", f"tar -cf - -C {tmp_path / 'd'} . | head -c 100000"], io.BytesIO())
+
+
+def _authorize(lab, tmp_path, name: str, passphrase: str = "") -> str:
+    """A new key for nova on the lab's master; returns its private half."""
+    import subprocess
+    from pathlib import Path
+
+    key = tmp_path / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", str(key)], check=True)
+    keys = Path(lab.masters()[0].node_dir) / "varlib.up/nova/.ssh/authorized_keys"
+    keys.write_text(keys.read_text() + (tmp_path / f"{name}.pub").read_text())
+    return key.read_text()
+
+
+def _with_ssh(c, **changes):
+    from pydantic import SecretStr
+
+    ssh = c.ssh.model_copy(update={k: SecretStr(v) if isinstance(v, str) else v for k, v in changes.items()})
+    return c.model_copy(update={"ssh": ssh})
+
+
+def test_a_key_with_a_passphrase(lab, tmp_path):
+    from core.errors import AuthError
+
+    c = lab.cluster()
+    key = _authorize(lab, tmp_path, "locked", passphrase="open sesame")
+    conn = connect(_with_ssh(c, private_key=key, key_passphrase="open sesame"), c.masters[0])
+    try:
+        assert conn.run(["id", "-un"]).code == 0
+    finally:
+        conn.close()
+    with pytest.raises(AuthError, match="protected by a passphrase: give ssh.key_passphrase_file"):
+        connect(_with_ssh(c, private_key=key), c.masters[0]).run(["true"])
+    with pytest.raises(AuthError, match="ssh.key_passphrase does not open it") as err:
+        connect(_with_ssh(c, private_key=key, key_passphrase="wrong"), c.masters[0]).run(["true"])
+    assert "wrong" not in str(err.value)
+
+
+def test_keys_from_an_ssh_agent(lab, tmp_path, monkeypatch):
+    import subprocess
+
+    from core.errors import AuthError
+
+    c = lab.cluster()
+    _authorize(lab, tmp_path, "in-agent")
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        subprocess.run(["ssh-add", "-q", str(tmp_path / "in-agent")], env={**os.environ, "SSH_AUTH_SOCK": str(sock)},
+                       check=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        agent_only = c.model_copy(update={"ssh": c.ssh.model_copy(update={"private_key": None, "use_agent": True})})
+        conn = connect(agent_only, c.masters[0])
+        try:
+            assert conn.run(["id", "-un"]).code == 0
+        finally:
+            conn.close()
+        # The agent is asked only where the inventory says so: its key alone, unasked, is refused.
+        other = _with_ssh(c, private_key=_authorize_nowhere(tmp_path))
+        with pytest.raises(AuthError, match="authentication refused"):
+            connect(other, c.masters[0]).run(["true"])
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def _authorize_nowhere(tmp_path) -> str:
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
+    return (tmp_path / "stranger").read_text()

@@ -65,6 +65,8 @@ def _unknown_key(d):
     (_unknown_key, "masters[0].adress: unknown key; remove it or check its spelling"),
     (lambda d: d.pop("name"), "name: required; add it"),
     (lambda d: d["masters"][0].update(etcd_member="etcd 1"), "masters[0].etcd_member: 'etcd 1' is not a plain name"),
+    (lambda d: d["ssh"].pop("private_key"), "ssh: no SSH key: give ssh.private_key_file, or use_agent: true"),
+    (lambda d: d["ssh"].update(become="su"), "ssh.become: Input should be 'none' or 'sudo'"),
 ])
 def test_bad_inventories_say_what_to_write(mutate, expected):
     d = base()
