@@ -42,6 +42,11 @@ class CommandError(NovaDRError):
             + (" | ".join(tail) or "(no output)")
         )
 
+    def __reduce__(self):
+        # Prefect stores a failed step's exception and reads it back: the default rebuilds it
+        # from the message alone, which this __init__ does not take (a TypeError on resume).
+        return (type(self), (self.node, self.argv, self.code, self.stdout, self.stderr))
+
 
 class SnapshotError(NovaDRError):
     """A snapshot failed a check; nothing has been changed."""

@@ -90,10 +90,12 @@ def build_replace_plan(cluster: Cluster, facts: ClusterFacts, member: str, helpe
     steps = [
         _step(f"stop-etcd@{member}", "stop_etcd", member, "Stop etcd on the failed master",
               show(m.paths.service_stop), destructive=True),
-        _step("remove-member", "remove_member", helper, f"Remove {member} from the cluster (from {helper})",
+        # The target is in every step id (the checkpoint key): after a failed replacement of one
+        # member, replacing another must not find the first one's remove/add already "done".
+        _step(f"remove-member@{member}", "remove_member", helper, f"Remove {member} from the cluster (from {helper})",
               f"etcdctl member remove {old_id}", deps=[f"stop-etcd@{member}"], destructive=True, target=member),
-        _step("add-member", "add_member", helper, f"Add {member} back with its peer URL (from {helper})",
-              f"etcdctl member add {member} --peer-urls={m.peer_url}", deps=["remove-member"], destructive=True,
+        _step(f"add-member@{member}", "add_member", helper, f"Add {member} back with its peer URL (from {helper})",
+              f"etcdctl member add {member} --peer-urls={m.peer_url}", deps=[f"remove-member@{member}"], destructive=True,
               target=member),
         _step(f"quarantine-data@{member}", "quarantine_data", member,
               "Move the old member dir into quarantine (rename, same filesystem)",
@@ -102,7 +104,7 @@ def build_replace_plan(cluster: Cluster, facts: ClusterFacts, member: str, helpe
         _step(f"set-state-existing@{member}", "set_state_existing", member,
               "Set ETCD_INITIAL_CLUSTER_STATE=existing and the ETCD_INITIAL_CLUSTER member add printed (copy kept)",
               f"ETCD_INITIAL_CLUSTER_STATE=existing in {m.paths.etcd_env}",
-              deps=["add-member", f"quarantine-data@{member}"], destructive=True),
+              deps=[f"add-member@{member}", f"quarantine-data@{member}"], destructive=True),
         _step(f"start-etcd@{member}", "start_etcd", member, "Start etcd: it joins and fetches the data from the leader",
               show(m.paths.service_start), deps=[f"set-state-existing@{member}"], destructive=True, checkpoint=False),
         _step(f"wait-caught-up@{member}", "wait_caught_up", member,

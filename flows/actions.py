@@ -110,7 +110,7 @@ def add_member(run: Run, step: Step, up: dict) -> dict:
 
 def set_state_existing(run: Run, step: Step, up: dict) -> str:
     conn, m = on(run, step)
-    initial = up["add-member"]["detail"].get("initial_cluster") or None
+    initial = up[f"add-member@{m.etcd_member}"]["detail"].get("initial_cluster") or None
     return datadir.set_initial_cluster_state(conn, m, "existing", run.recovery_id, initial)
 
 

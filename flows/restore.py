@@ -144,8 +144,14 @@ def verify_once(run: Run, expected_revision: int) -> tuple[list[dict], list[str]
     if rev < expected_revision:
         problems.append(f"revision {rev} is below the snapshot's {expected_revision}")
     elif rev > expected_revision:
-        # Not a failure: a client wrote after the start. Said in the report.
-        rows[0]["note"] = f"revision {rev} > snapshot's {expected_revision}: something wrote after the start"
+        parked = all(m.paths.kube_apiserver_manifest for m in cluster.masters)
+        if parked:
+            # No client can write: every kube-apiserver is parked. So these members do not serve
+            # what was restored (etcd reads another data dir, or another cluster answered).
+            problems.append(f"revision {rev} is above the snapshot's {expected_revision}, although no "
+                            "kube-apiserver runs: the members do not serve the restored data")
+        else:  # a master without a parked manifest: its clients may have written since the start
+            rows[0]["note"] = f"revision {rev} > snapshot's {expected_revision}: something wrote after the start"
     return rows, problems
 
 

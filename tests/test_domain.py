@@ -250,3 +250,29 @@ def test_the_inventory_is_compared_with_the_masters_env_file():
     # A WAL outside the data dir would be left behind by a restore.
     assert "is outside the data dir" in env_mismatches(m, "k8s_etcd", {**env, "ETCD_WAL_DIR": "/wal"}, "/e")[0]
     assert env_mismatches(m, "k8s_etcd", {**env, "ETCD_WAL_DIR": "/var/lib/etcd/member/wal"}, "/e") == []
+
+
+def test_every_error_the_project_raises_survives_prefects_result_storage():
+    """A failed step's exception is pickled into result storage and read back on resume."""
+    import pickle
+
+    import cloudpickle
+
+    import tasks.kube  # noqa: F401  (its KubeError)
+    import tasks.storage  # noqa: F401  (its StoreError)
+    from core.errors import CommandError, NovaDRError
+
+    def every(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from every(sub)
+
+    made = {CommandError: CommandError("nova-master-1", ["etcdctl", "endpoint", "health"], 1, "", "Error: boom")}
+    seen = 0
+    for cls in every(NovaDRError):
+        err = made.get(cls) or cls("on etcd2: something failed; do this")
+        for dumps in (pickle.dumps, cloudpickle.dumps):
+            back = pickle.loads(dumps(err))
+            assert type(back) is cls and str(back) == str(err) and vars(back) == vars(err)
+        seen += 1
+    assert seen >= 12

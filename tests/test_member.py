@@ -55,6 +55,20 @@ def test_quorum_rules(n, down, member, refusal):
             choose_member_to_replace(_cluster(n), _facts(n, down), member, False)
 
 
+def test_every_destructive_step_of_a_replacement_names_its_target():
+    """Step ids are checkpoint keys: after a failed replacement of etcd3, a replacement of etcd2
+    under the same recovery id must find none of etcd3's steps done."""
+    from core.member_plan import build_replace_plan
+
+    c = _cluster(3)
+    for_3 = build_replace_plan(c, _facts(3, {3}), "etcd3", "etcd1", "replace-etcd-member-c-auto")
+    for_2 = build_replace_plan(c, _facts(3, {2}), "etcd2", "etcd1", "replace-etcd-member-c-auto")
+    ids_3 = {s.id for s in for_3.steps if s.args.get("checkpoint", True)}
+    ids_2 = {s.id for s in for_2.steps if s.args.get("checkpoint", True)}
+    assert ids_3 and not ids_3 & ids_2, ids_3 & ids_2
+    assert all("etcd3" in i for i in ids_3)
+
+
 def test_removing_a_healthy_member_must_keep_quorum():
     # force-replacing a healthy member of 3 with one other down: etcd would refuse the add,
     # and the remove would leave 1 of 2
@@ -118,7 +132,7 @@ def test_replace_finds_the_member_while_writes_go_on(lab3):
     q = quarantines(lab3, "etcd2")
     assert len(q) == 1 and (q[0] / "member/snap/db").stat().st_size == 4096
     steps = state.result()["steps"]
-    assert steps["remove-member"]["result"].startswith("removed ") and steps["add-member"]["result"] == "added"
+    assert steps["remove-member@etcd2"]["result"].startswith("removed ") and steps["add-member@etcd2"]["result"] == "added"
 
 
 def test_five_with_two_down_then_three_with_two_down(lab_factory):
@@ -181,7 +195,7 @@ def test_resume_replace_after_the_add(lab3, tmp_path):
                                 auto_approve=True, return_state=True)
     assert state.is_completed(), error_of(state)
     # Checkpointed from the first run: neither the remove nor the add ran again.
-    assert {"remove-member", "add-member", "quarantine-data@etcd3"} <= set(state.result()["resumed_steps"])
+    assert {"remove-member@etcd3", "add-member@etcd3", "quarantine-data@etcd3"} <= set(state.result()["resumed_steps"])
     members = lab3.etcdctl("member", "list").stdout.splitlines()
     assert len(members) == 3 and all(", started, " in x for x in members)
     assert len(keys_on(lab3, "etcd3", "/registry/")) == 50

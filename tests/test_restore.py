@@ -361,3 +361,32 @@ def test_what_a_restore_puts_in_place_belongs_to_the_data_dirs_owner(lab3, tmp_p
             assert (q.stat().st_uid, q.stat().st_mode & 0o777) == (4243, 0o700)
         env = Path(lm.node_dir) / "etc.up/etcd.env"
         assert "ETCD_INITIAL_CLUSTER_STATE=new\n" in env.read_text() and env.stat().st_uid == 4243  # rewritten, owner kept
+
+
+def test_a_write_after_the_start_fails_the_verification_while_every_apiserver_is_parked(lab3, tmp_path,
+                                                                                     clean_listeners):
+    """No client can write while the kube-apiserver manifests are parked: a revision above the
+    snapshot's means the members do not serve what was restored. Here a write is slipped in
+    between the start and the verification."""
+    from tests.helpers import put_keys
+
+    snap, _ = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd2", "wipe")
+    starts = [lab3.hold(m.member, "systemctl-start") for m in lab3.masters()]
+    t, out = _run_in_thread(inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True)
+    _wait_for(lambda: all(Path(f"{h}.reached").exists() for h in starts) or "state" in out, 180, "the starts")
+    status = lab3.hold("etcd1", "etcdctl-endpoint-status")  # the verification's first read
+    for h in starts:
+        h.unlink()
+    _wait_for(lambda: Path(f"{status}.reached").exists() or "state" in out, 120, "the verification")
+    put_keys(lab3, "/intruder/k", 3)
+    status.unlink()
+    t.join(120)
+    msg = error_of(out["state"])
+    assert "is above the snapshot's" in msg and "no kube-apiserver runs" in msg, msg
+    cluster = lab3.cluster()  # the manifests stay parked: nothing was handed back to clients
+    conn = connect(cluster, cluster.masters[0])
+    try:
+        assert "kube-apiserver.yaml" not in conn.run(["ls", "/etc/kubernetes/manifests"]).stdout
+    finally:
+        conn.close()
