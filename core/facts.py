@@ -23,7 +23,7 @@ class MasterFacts(BaseModel):
     data_dir_has_member: bool = False
     data_dir_mount_point: bool = False
     data_dir_bytes: int = 0
-    free_bytes: int = 0
+    free_bytes: int | None = 0  # None: df did not answer (a full restore refuses then)
     manifest: str = ""  # present | parked | absent | "" (none configured)
     entries: tuple[str, ...] = ()  # nova-dr-* work and quarantine dirs in the data dir
     mismatches: tuple[str, ...] = ()  # where the inventory and the master's env file disagree
@@ -38,8 +38,11 @@ def parse_probe(text: str) -> dict:
             out["entries"].append(value)
         elif key in ("exists", "member", "mount_point"):
             out[key] = value.strip() == "1"
-        elif key in ("bytes", "free"):
-            out[key] = int(value.strip() or 0)
+        elif key == "bytes":
+            out[key] = int(value.strip() or 0)  # du prints nothing for a missing member dir
+        elif key == "free":
+            # None when df printed nothing usable: unknown free space is never "enough".
+            out[key] = int(value.strip()) if value.strip().isdigit() else None
         elif key == "manifest":
             out[key] = value.strip()
     return out

@@ -134,7 +134,7 @@ def read_master_facts(run: Run, member: str) -> MasterFacts:
             initial_cluster_state=env.get("ETCD_INITIAL_CLUSTER_STATE", ""),
             data_dir_exists=probe.get("exists", False), data_dir_has_member=probe.get("member", False),
             data_dir_mount_point=probe.get("mount_point", False), data_dir_bytes=probe.get("bytes", 0),
-            free_bytes=probe.get("free", 0), manifest=probe.get("manifest", ""), entries=tuple(probe["entries"]),
+            free_bytes=probe.get("free"), manifest=probe.get("manifest", ""), entries=tuple(probe["entries"]),
             mismatches=tuple(env_mismatches(m, run.cluster.etcd_token, env, m.paths.etcd_env)),
         )
     except ConnectError as err:
@@ -171,7 +171,7 @@ def facts_table(facts: ClusterFacts, markdown: bool = True) -> str:
         rows.append([f.member, f.node, "ok" if f.reachable else "UNREACHABLE", f.service, "yes" if f.healthy else "NO",
                      "yes" if s and s.is_leader else "", s.raft_term if s else "", s.raft_applied_index if s else "",
                      s.revision if s else "", _size(f.data_dir_bytes) if f.data_dir_has_member else "no member dir",
-                     "yes" if f.data_dir_mount_point else "no", _size(f.free_bytes), f.initial_cluster_state])
+                     "yes" if f.data_dir_mount_point else "no", _size(f.free_bytes) if f.free_bytes is not None else "UNKNOWN", f.initial_cluster_state])
     return render_table(head, rows, markdown)
 
 

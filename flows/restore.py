@@ -16,7 +16,7 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.inventory import resolve_inventory
-from core.errors import NovaDRError, PreflightError
+from core.errors import CommandError, NovaDRError, PreflightError
 from core.facts import ClusterFacts
 from core.plan import Plan, Step
 from core.restore_plan import FOLLOW_UPS, build_restore_plan
@@ -56,8 +56,19 @@ def restore_staging(run: Run, step: Step, up: dict) -> dict:
         return {"state": f"already {state}", "bumped": etcd.bump_for(conn, m, step.args["bump_revision"])}
     datadir.clear_partial_staging(conn, m, run.recovery_id)
     wd = datadir.work_dir(m, run.recovery_id)
-    out = etcd.restore_snapshot(conn, m, run.cluster, f"{wd}/snapshot.db", f"{wd}/staging.tmp",
-                                step.args["bump_revision"])
+    snap: SnapshotCheck = run.data["snapshot"]
+    if datadir.remote_size(conn, f"{wd}/snapshot.db") != snap.size:
+        # The copy's checkpoint says done, but the master says otherwise (its work dir was
+        # cleaned, or lived on a disk that is gone): the master decides. Copy it again.
+        datadir.copy_snapshot(conn, m, snap.db_path, snap.sha256, run.recovery_id)
+    try:
+        out = etcd.restore_snapshot(conn, m, run.cluster, f"{wd}/snapshot.db", f"{wd}/staging.tmp",
+                                    step.args["bump_revision"])
+    except CommandError:
+        # A full disk leaves a partial staging.tmp beside the etcd that still runs there: it goes
+        # now, not at some later run (the command has ended; nothing else writes there).
+        datadir.clear_partial_staging(conn, m, run.recovery_id)
+        raise
     datadir.finish_staging(conn, m, run.recovery_id)
     return {"state": "staged", **out}
 
@@ -167,7 +178,12 @@ def refuse_unsafe(facts: ClusterFacts, snapshot: SnapshotCheck) -> None:
         why = "; ".join(f.error for f in facts.masters if not f.reachable)
         raise PreflightError(f"cannot restore: {', '.join(facts.unreachable)} unreachable over SSH ({why}). "
                              "Every master takes part in a full restore; nothing was changed")
-    short = [f.member for f in facts.masters if f.free_bytes and f.free_bytes < 2 * snapshot.size + (64 << 20)]
+    unknown = [f.member for f in facts.masters if f.free_bytes is None]
+    if unknown:
+        raise PreflightError(f"cannot read the free disk space of the data dir on {', '.join(unknown)} (`df -B1 "
+                             "--output=avail` printed no number); a restore needs room for the snapshot and its copy. "
+                             "Check df on that master; nothing was changed")
+    short = [f.member for f in facts.masters if f.free_bytes < 2 * snapshot.size + (64 << 20)]
     if short:
         raise PreflightError(f"not enough free disk for the snapshot and its restore on {', '.join(short)} "
                              f"(need about {2 * snapshot.size + (64 << 20)} bytes); nothing was changed")

@@ -93,6 +93,11 @@ def remote_sha256(conn: Connector, path: str) -> str | None:
     return res.stdout.split()[0] if res.code == 0 and res.stdout else None
 
 
+def remote_size(conn: Connector, path: str) -> int | None:
+    res = conn.run(["stat", "-c", "%s", path], check=False)
+    return int(res.stdout) if res.code == 0 and res.stdout.strip().isdigit() else None
+
+
 def copy_snapshot(conn: Connector, master: Master, local_db: str, sha256: str, recovery_id: str) -> str:
     """Put the snapshot in this recovery's work dir on the master; skip when already there."""
     wd = work_dir(master, recovery_id)

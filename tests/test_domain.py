@@ -83,6 +83,9 @@ def test_probe_parsing():
     p = parse_probe("exists=1\nmember=1\nmount_point=0\nbytes=123\nfree=456\nmanifest=parked\nentry=nova-dr-x\n")
     assert p == {"exists": True, "member": True, "mount_point": False, "bytes": 123, "free": 456,
                  "manifest": "parked", "entries": ["nova-dr-x"]}
+    # A df that printed nothing (busybox has no --output): unknown, not "0 bytes free" nor "enough".
+    assert parse_probe("exists=1\nbytes=\nfree=\n")["free"] is None
+    assert parse_probe("free=0\n")["free"] == 0
 
 
 def test_names_read_all_three_spellings():

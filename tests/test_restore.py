@@ -390,3 +390,51 @@ def test_a_write_after_the_start_fails_the_verification_while_every_apiserver_is
         assert "kube-apiserver.yaml" not in conn.run(["ls", "/etc/kubernetes/manifests"]).stdout
     finally:
         conn.close()
+
+
+def test_a_df_that_gives_no_number_refuses_the_restore(lab3, tmp_path):
+    """busybox's df has no --output: the probe then prints `free=`. That once parsed as 0, and 0
+    counted as "not short", so the free-space refusal was skipped."""
+    snap, _ = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd2", "wipe")
+    df = Path(lab3.master("etcd3").node_dir) / "bin/df"  # first on the master's PATH
+    df.write_text("#!/bin/sh\necho \"df: unrecognized option '--output=avail'\" >&2\nexit 1\n")
+    df.chmod(0o755)
+    before = fingerprint(lab3)
+    state = restore_etcd_cluster(inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True,
+                                 return_state=True)
+    msg = error_of(state)
+    assert "cannot read the free disk space of the data dir on etcd3" in msg and "nothing was changed" in msg, msg
+    assert fingerprint(lab3) == before
+
+
+def test_a_full_disk_during_the_staging_restore_stops_nothing_and_leaves_no_partial_copy(lab3, tmp_path):
+    """A real ENOSPC: a small tmpfs over etcd2's work dir holds the snapshot, not its restore
+    (etcd preallocates 64 MB of WAL)."""
+    snap, expected = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd1", "corrupt")
+    cluster = lab3.cluster()
+    rid = machinery.derive_recovery_id("restore-etcd-cluster", cluster.name,
+                                       hashlib.sha256(snap.read_bytes()).hexdigest(), None)
+    lm = lab3.master("etcd2")
+    work = f"/var/lib/etcd/nova-dr-{rid}"
+    ns = ["nsenter", "--mount", "--target", str(lm.sshd_pid)]  # inside etcd2's own mount namespace
+    subprocess.run(ns + ["sh", "-c", f'mkdir -p "$1" && mount -t tmpfs -o size={snap.stat().st_size + (1 << 20)} '
+                    'tmpfs "$1"', "sh", work], check=True)
+    try:
+        etcd2 = lab3.etcd_pid("etcd2")
+        state = restore_etcd_cluster(inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap),
+                                     auto_approve=True, return_state=True)
+        msg = error_of(state)
+        assert not state.is_completed() and "restore-staging@etcd2" in msg and "no space left" in msg.lower(), msg
+        left = subprocess.run(ns + ["ls", "-A", work], capture_output=True, text=True, check=True).stdout.split()
+        assert left == ["snapshot.db"], left  # the partial staging.tmp is gone at once
+        assert lab3.etcd_pid("etcd2") == etcd2 and all(r["etcd_process"] for r in lab3.status()
+                                                        if r["member"] != "etcd1")  # nothing stopped
+    finally:
+        subprocess.run(ns + ["umount", work], check=True)
+    # With room again, a plain re-run finishes.
+    state = restore_etcd_cluster(inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True,
+                                 return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert_restored(lab3, expected)
