@@ -82,7 +82,7 @@ def build_restore_plan(cluster: Cluster, facts: ClusterFacts, recovery_id: str, 
             deps=[f"set-state-new@{mb}", f"restore-staging@{mb}"], destructive=True)
     all_swapped = [f"swap-data@{mb}" for mb in members]
     for m in cluster.masters:
-        add(f"start-etcd@{m.etcd_member}", "start_etcd", m.etcd_member, "Start etcd (all members together)",
+        add(f"start-etcd@{m.etcd_member}", "start_restored", m.etcd_member, "Start etcd (all members together)",
             show(m.paths.service_start), deps=all_swapped, destructive=True, checkpoint=False)
     add("wait-healthy", "wait_healthy", None, "Wait until every member answers healthy (bounded)",
         "etcdctl endpoint health (each member)", deps=[f"start-etcd@{mb}" for mb in members], checkpoint=False)

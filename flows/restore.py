@@ -23,7 +23,8 @@ from core.restore_plan import FOLLOW_UPS, build_restore_plan
 from core.errors import SnapshotError
 from core.snapshot import SnapshotCheck, prepare_snapshot
 from flows import machinery as mc
-from flows.actions import on, quarantine_name, read_status_rows, start_etcd, stop_etcd
+from core.etcd import summarize_log
+from flows.actions import on, quarantine_name, read_status_rows, stop_etcd
 from flows.machinery import Run
 from flows.lock import cluster_lock
 from tasks import datadir, etcd, service
@@ -104,6 +105,18 @@ def delete_old_data(run: Run, step: Step, up: dict) -> str:
     return datadir.delete_quarantine(*on(run, step), run.recovery_id)
 
 
+def start_restored(run: Run, step: Step, up: dict) -> str:
+    conn, m = on(run, step)
+    try:
+        return service.start_etcd(conn, m)
+    except CommandError:
+        logs = summarize_log(service.read_service_logs(conn, m))
+        q = datadir.find_quarantine(conn, m, run.recovery_id) or "(nothing was kept)"
+        raise NovaDRError(f"{m.etcd_member} did not start with the restored data. Last log lines: {logs}. Its old "
+                          f"data is in {q}. Fix the cause, then re-run this restore (recovery_id={run.recovery_id}) "
+                          "to go on from here") from None
+
+
 def wait_healthy(run: Run, step: Step, up: dict) -> dict:
     members = [m.etcd_member for m in run.cluster.masters]
     state = etcd.wait_until_healthy({mb: run.conn(mb) for mb in members}, run.cluster, members,
@@ -167,7 +180,7 @@ def verify_once(run: Run, expected_revision: int) -> tuple[list[dict], list[str]
 
 
 ACTIONS = {f.__name__: f for f in (copy_snapshot, check_snapshot, restore_staging, park_manifest, unpark_manifest,
-                                   stop_etcd, start_etcd, set_state_new, swap_data, clean_work, delete_old_data,
+                                   stop_etcd, start_restored, set_state_new, swap_data, clean_work, delete_old_data,
                                    wait_healthy, verify)}
 
 

@@ -206,7 +206,7 @@ def test_restore_plan_order_is_safe():
     # the leader stops last
     assert {"stop-etcd@etcd1", "stop-etcd@etcd3"} <= deps["stop-etcd@etcd2"]
     assert not any(s.id.startswith("delete-old-data") for s in plan.steps)
-    assert all(s.destructive for s in plan.steps if s.action in ("stop_etcd", "swap_data", "start_etcd"))
+    assert all(s.destructive for s in plan.steps if s.action in ("stop_etcd", "swap_data", "start_restored"))
     assert "```mermaid" in plan.markdown() and "stop-etcd@etcd2" in plan.text()
 
 

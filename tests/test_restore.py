@@ -438,3 +438,19 @@ def test_a_full_disk_during_the_staging_restore_stops_nothing_and_leaves_no_part
                                  return_state=True)
     assert state.is_completed(), error_of(state)
     assert_restored(lab3, expected)
+
+
+def test_a_member_that_does_not_start_after_the_swap_is_named_with_its_journal(lab3, tmp_path, clean_listeners):
+    snap, _ = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd1", "wipe")
+    starts = [lab3.hold(m.member, "systemctl-start") for m in lab3.masters()]
+    t, out = _run_in_thread(inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True)
+    _wait_for(lambda: all(Path(f"{h}.reached").exists() for h in starts) or "state" in out, 180, "the starts")
+    # The restored data on etcd2 breaks between its swap and its start.
+    (Path(lab3.master("etcd2").data_dir_host) / "member/snap/db").write_bytes(b"\0" * 4096)
+    for h in starts:
+        h.unlink()
+    t.join(180)
+    msg = error_of(out["state"])
+    assert "start-etcd@etcd2" in msg and "etcd2 did not start with the restored data" in msg, msg
+    assert "Last log lines:" in msg and "nova-dr-quarantine-" in msg and "recovery_id=" in msg
