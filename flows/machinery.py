@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger, task
+from prefect.logging import get_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
@@ -209,6 +210,19 @@ def api_is_shared() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
+_TIMED_OUT = "approval_timeout_minutes passed with no answer"
+
+
+def _reject_at_timeout(flow_run_id, timeout_minutes: float) -> None:
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:  # a no-op (ABORT) if someone answered meanwhile
+            client.resume_flow_run(flow_run_id, run_input={"approve": False, "name": "nova-dr", "reason": _TIMED_OUT})
+    except Exception as err:  # then the server's own deadline ends the run, with its own message
+        get_logger("nova_dr.gate").warning("answering the gate at its timeout failed: %s", err)
+
+
 def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float) -> dict:
     """Pause until someone approves. Returns who and why. Raises NotApproved otherwise."""
     log = get_run_logger()
@@ -225,11 +239,23 @@ def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float) -> dic
         listener(str(ctx.flow_run.id), plan)
     form = Approval.with_initial_data(description=plan.markdown(), approve=False)
     log.info("waiting for approval of flow run %s (UI, `nova-dr approve`, or the REST API)", ctx.flow_run.id)
+    timeout = max(1, int(timeout_minutes * 60))
+    # Once a pause has timed out, Prefect's server turns any state the run proposes into its own
+    # "The flow was paused and never resumed." (measured, 3.9.1: our message was lost). So the
+    # run answers its own gate with a rejection at the timeout, and the server's own deadline
+    # is later: the run then ends with our message, saying nothing was changed.
+    expiry = threading.Timer(timeout, _reject_at_timeout, args=(ctx.flow_run.id, timeout_minutes))
+    expiry.daemon = True
+    expiry.start()
     try:
-        answer = pause_flow_run(wait_for_input=form, timeout=int(timeout_minutes * 60), poll_interval=2,
+        answer = pause_flow_run(wait_for_input=form, timeout=timeout + 120, poll_interval=2,
                                 key=f"approve-{plan.fingerprint()}")
     except FlowPauseTimeout:
         raise NotApproved(f"no approval within {timeout_minutes:g} min; nothing was changed") from None
+    finally:
+        expiry.cancel()
+    if not answer.approve and answer.reason == _TIMED_OUT:
+        raise NotApproved(f"no approval within {timeout_minutes:g} min; nothing was changed")
     if not answer.approve:
         raise NotApproved(f"plan rejected by {answer.name or 'someone'}"
                           f"{': ' + answer.reason if answer.reason else ''}; nothing was changed")

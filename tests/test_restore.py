@@ -454,3 +454,20 @@ def test_a_member_that_does_not_start_after_the_swap_is_named_with_its_journal(l
     msg = error_of(out["state"])
     assert "start-etcd@etcd2" in msg and "etcd2 did not start with the restored data" in msg, msg
     assert "Last log lines:" in msg and "nova-dr-quarantine-" in msg and "recovery_id=" in msg
+
+
+def test_an_approval_that_never_comes_changes_nothing(lab3, tmp_path, clean_listeners):
+    from tests.test_lock_resume import holders
+
+    snap, _ = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd1", "corrupt")
+    lab3.break_member("etcd3", "wipe")
+    before = fingerprint(lab3)
+    t, out = _run_in_thread(inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap),
+                            approval_timeout_minutes=0.1)
+    _wait_paused(out)
+    t.join(120)
+    msg = error_of(out["state"])
+    assert "no approval within 0.1 min; nothing was changed" in msg, msg
+    assert fingerprint(lab3) == before
+    assert set(holders(lab3).values()) == {None}  # the cluster is free again
