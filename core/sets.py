@@ -8,7 +8,7 @@ around it, not an exact timestamp match. Our own backup flow writes one timestam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from core.names import parse_name, parse_timestamp
 
@@ -19,6 +19,7 @@ WINDOW = timedelta(minutes=15)
 class StoredFile:
     name: str
     size: int = 0
+    mtime: float = 0.0  # when the store says it was written (its own clock); 0: unknown
 
 
 @dataclass
@@ -113,6 +114,17 @@ def choose_set(sets: list[BackupSet], which: str, archive_names: list[str], requ
             return s
     raise NovaDRError(f"no backup set {which!r} in the store; the sets are: "
                       f"{', '.join(s.ts for s in sets[:10]) or 'none'} (or use latest)")
+
+
+def retention_clock(now: datetime, files: list[StoredFile]) -> tuple[datetime, str]:
+    """The earlier of this machine's clock and the store's (the newest file's write time, right
+    after a backup wrote it): a clock that runs ahead must not make sets expire early."""
+    newest = max((f.mtime for f in files), default=0.0)
+    if newest and datetime.fromtimestamp(newest, timezone.utc) < now - timedelta(minutes=5):
+        store = datetime.fromtimestamp(newest, timezone.utc)
+        return store, (f"the store's clock (its newest write, {store:%Y-%m-%d %H:%M:%S} UTC, is "
+                       f"{(now - store).total_seconds() / 3600:.1f}h before this machine's clock)")
+    return now, "this machine's clock (UTC)"
 
 
 def expired(sets: list[BackupSet], now: datetime, days: int, archive_names: list[str],

@@ -101,12 +101,13 @@ def write_manifest(store: BackupStore, cluster: Cluster, ts: str, results: list[
 
 
 def apply_retention(store: BackupStore, cluster: Cluster, days: int, require_starvault: bool) -> dict:
-    sets, orphans = read_sets(store.list())
-    doomed, why = expired(sets, datetime.now(timezone.utc), days, [m.archive_name for m in cluster.masters],
-                          require_starvault)
+    files = store.list()
+    sets, orphans = read_sets(files)
+    now, clock = retention_clock(datetime.now(timezone.utc), files)
+    doomed, why = expired(sets, now, days, [m.archive_name for m in cluster.masters], require_starvault)
     for name in doomed:
         store.delete(name)
-    return {"deleted": doomed, "kept": why, "left_alone": orphans}
+    return {"deleted": doomed, "kept": why, "left_alone": orphans, "clock": clock}
 
 
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)

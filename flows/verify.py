@@ -37,9 +37,13 @@ def check_freshness(sets: list[BackupSet], names: list[str], starvault: bool, ma
     if newest is None:
         return Check("freshness", "fail", "no complete set in the store")
     age = (now - newest.time).total_seconds() / 3600
+    if age < -5 / 60:  # a set "from the future" says a clock is wrong; it proves nothing about freshness
+        return Check("freshness", "fail", f"newest complete set {newest.ts} is {-age:.1f}h in the future by this "
+                     "machine's clock (UTC): the orchestrator's or a master's clock is wrong; fix it")
     ok = age <= max_age_hours
     return Check("freshness", "pass" if ok else "fail",
-                 f"newest complete set {newest.ts} is {age:.1f}h old (limit {max_age_hours:g}h)")
+                 f"newest complete set {newest.ts} is {age:.1f}h old by this machine's clock (UTC; limit "
+                 f"{max_age_hours:g}h)")
 
 
 def check_integrity(s: BackupSet, folder: Path, manifest: dict | None) -> Check:

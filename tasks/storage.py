@@ -77,8 +77,8 @@ class DirectoryStore:
         return self.path
 
     def list(self) -> list[StoredFile]:
-        return sorted((StoredFile(p.name, p.stat().st_size) for p in self._ready().iterdir()
-                       if p.is_file() and not p.name.startswith(".")), key=lambda f: f.name)
+        return sorted((StoredFile(p.name, st.st_size, st.st_mtime) for p in self._ready().iterdir()
+                       if p.is_file() and not p.name.startswith(".") for st in [p.stat()]), key=lambda f: f.name)
 
     def put(self, name: str, write: Writer, mode: int = 0o600) -> tuple[int, str]:
         _check_name(name)
@@ -155,7 +155,7 @@ class S3Store:
                 for obj in page.get("Contents", []):
                     name = obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"]
                     if "/" not in name:
-                        out.append(StoredFile(name, obj["Size"]))
+                        out.append(StoredFile(name, obj["Size"], obj["LastModified"].timestamp()))
         except Exception as err:
             raise self._err("listing", err) from None
         return sorted(out, key=lambda f: f.name)

@@ -88,6 +88,24 @@ def test_retention_does_nothing_when_the_newest_set_is_in_the_future():
                                                       "disagree, nothing deleted")
 
 
+def test_a_clock_running_ahead_does_not_expire_sets_early():
+    """The orchestrator's clock is 3 days ahead; the store wrote tonight's set at its real time.
+    Retention then counts from the store's clock: the 03-15 set (5 days old) stays."""
+    from core.sets import retention_clock
+
+    real = datetime(2024, 3, 20, 4, 0, tzinfo=timezone.utc)
+    names = ours("2024-03-10_040000") + ours("2024-03-15_040000") + ours("2024-03-20_040000")
+    stored = [StoredFile(n, 100, real.timestamp() if "03-20" in n else 0.0) for n in names]
+    ahead = datetime(2024, 3, 23, 4, 5, tzinfo=timezone.utc)
+    now, clock = retention_clock(ahead, stored)
+    assert now == real and "the store's clock" in clock and "72.1h before this machine's clock" in clock
+    doomed, _ = expired(read_sets(stored)[0], now, 7, NODES, True)
+    assert set(doomed) == set(ours("2024-03-10_040000"))  # with this machine's clock, 03-15 would go too
+    assert set(expired(read_sets(stored)[0], ahead, 7, NODES, True)[0]) >= set(ours("2024-03-15_040000"))
+    # Clocks that agree: this machine's.
+    assert retention_clock(real, stored) == (real, "this machine's clock (UTC)")
+
+
 def test_settings_parameter_then_environment_then_default():
     s = resolve_settings({"INCLUDE_PKI_DATA": False}, {"INCLUDE_PKI_DATA": "true", "RETENTION_PERIOD_DAYS": "3",
                                                        "INCLUDE_STARVAULT_DB_BACKUP": "no"})
@@ -98,3 +116,14 @@ def test_settings_parameter_then_environment_then_default():
         resolve_settings({}, {"INCLUDE_PKI_DATA": "maybe"})
     with pytest.raises(NovaDRError, match="RETENTION_PERIOD_DAYS='0'"):
         resolve_settings({}, {"RETENTION_PERIOD_DAYS": "0"})
+
+
+def test_a_set_from_the_future_is_not_fresh():
+    from flows.verify import check_freshness
+
+    sets, _ = read_sets(files(ours("2024-03-21_040000")))  # 23 h after NOW
+    c = check_freshness(sets, NODES, True, 26, NOW)
+    assert c.status == "fail" and "23.0h in the future by this machine's clock" in c.evidence, c
+    sets, _ = read_sets(files(ours("2024-03-19_040000")))
+    c = check_freshness(sets, NODES, True, 26, NOW)
+    assert c.status == "pass" and "25.0h old by this machine's clock (UTC" in c.evidence, c
