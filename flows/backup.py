@@ -19,7 +19,7 @@ from core.errors import NovaDRError, PreflightError
 from core.facts import ClusterFacts
 from core.inventory import Cluster
 from core.names import etcd_snapshot_name, manifest_name, node_archive_name, starvault_snapshot_name, timestamp
-from core.sets import expired, read_sets
+from core.sets import expired, read_sets, retention_clock
 from core.settings import resolve_settings
 from flows import machinery as mc
 from flows.machinery import Run

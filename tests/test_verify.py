@@ -137,7 +137,7 @@ def test_a_version_mismatch(case, tmp_path):
     lab, store, _ = case
     inv = yaml.safe_load((lab.dir / "inventory.yaml").read_text())
     inv["nova_version"] = "6.0.2"
-    inv["ssh"] = {k: str(lab.dir / v) for k, v in inv["ssh"].items()}
+    inv["ssh"] = {k: str(lab.dir / v) if k.endswith("_file") else v for k, v in inv["ssh"].items()}
     (tmp_path / "inv.yaml").write_text(yaml.safe_dump(inv))
     msg = error_of(run(lab, store, inventory=str(tmp_path / "inv.yaml")))
     assert "compatibility failed: set made by Nova 6.0.1, cluster runs 6.0.2" in msg
