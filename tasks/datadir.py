@@ -67,9 +67,11 @@ fi
 
 WRITE_FILE = r"""
 set -eu
-f=$1; keep=$2
+f=$1; keep=$2; size=$3
 [ -n "$keep" ] && [ ! -e "$keep" ] && cp -p "$f" "$keep"
 cat > "$f.nova-dr-new"
+# stdin cut short (a dropped connection) ends `cat` with 0: only the whole text replaces the file
+[ "$(stat -c %s "$f.nova-dr-new")" = "$size" ] || { rm -f "$f.nova-dr-new"; echo "$f: the new text arrived cut short" >&2; exit 1; }
 chmod --reference="$f" "$f.nova-dr-new" 2>/dev/null || true
 chown --reference="$f" "$f.nova-dr-new" 2>/dev/null || true
 # A bind-mounted file cannot be renamed over (EBUSY): then write it in place.
@@ -150,7 +152,8 @@ def find_quarantine(conn: Connector, master: Master, recovery_id: str) -> str | 
 
 
 def write_remote_file(conn: Connector, path: str, text: str, keep_copy: str = "") -> None:
-    conn.run(["sh", "-c", WRITE_FILE, "sh", path, keep_copy], stdin=text.encode())
+    data = text.encode()
+    conn.run(["sh", "-c", WRITE_FILE, "sh", path, keep_copy, str(len(data))], stdin=data)
 
 
 def set_initial_cluster_state(conn: Connector, master: Master, state: str, recovery_id: str,

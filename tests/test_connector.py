@@ -256,3 +256,46 @@ def _authorize_nowhere(tmp_path) -> str:
 
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
     return (tmp_path / "stranger").read_text()
+
+
+def test_a_copy_cut_by_a_dropped_connection_never_gets_its_final_name(lab, tmp_path):
+    """When the connection drops, sshd closes the command's stdin and `cat` exits 0: the part
+    received must not be renamed into place as if it were the whole file."""
+    from pathlib import Path
+
+    c = lab.cluster()
+    conn = connect(c, c.masters[0])
+    src = tmp_path / "big"
+    with open(src, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+    part = Path(lab.masters()[0].node_dir) / "varlib.up/nova-dr-test-cut.part"  # /var/lib on the master
+    result: dict = {}
+
+    def copy():
+        try:
+            conn.put_file(src, "/var/lib/nova-dr-test-cut", mode=0o600)
+            result["ok"] = True
+        except Exception as err:
+            result["err"] = err
+
+    t = threading.Thread(target=copy)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size > (4 << 20)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert part.exists(), "the copy never started"
+    conn._client.get_transport().sock.close()  # the network drops half way
+    t.join(60)
+    assert isinstance(result.get("err"), ConnectionLost), result
+    fresh = connect(c, c.masters[0])
+    try:
+        for _ in range(50):  # the master finishes with the cut stream on its own time
+            if not part.exists():
+                break
+            time.sleep(0.1)
+        assert fresh.run(["test", "-e", "/var/lib/nova-dr-test-cut"], check=False).code == 1  # never installed
+        assert not part.exists()  # and the cut part is gone
+    finally:
+        fresh.run(["rm", "-f", "/var/lib/nova-dr-test-cut", "/var/lib/nova-dr-test-cut.part"])
+        fresh.close()
