@@ -73,6 +73,20 @@ def snapshot(lab: Lab, path: Path, member: str = "etcd1") -> Path:
     return path
 
 
+def run_record(run_id: str) -> str:
+    """What Prefect's server keeps of a flow run: its parameters, every log line, every artifact."""
+    import httpx
+    from prefect.logging.handlers import APILogHandler
+
+    api = os.environ["PREFECT_API_URL"]
+    APILogHandler().flush()
+    run = httpx.get(f"{api}/flow_runs/{run_id}").text
+    logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}}).text
+    arts = httpx.post(f"{api}/artifacts/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).text
+    assert '"message"' in logs and '"data"' in arts  # the reads found something to look in
+    return run + logs + arts
+
+
 def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
     """An S3 server process (moto) on a free loopback port."""
     import sys

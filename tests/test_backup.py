@@ -26,10 +26,14 @@ from tests.test_restore import assert_restored, error_of
 
 RAFT = os.urandom(300_000)
 TOKEN = "s.nova-test-token"
+BAD_TOKEN = "s.nova-refused-token-5c1e"  # what the sv-bad block sends: the secret a refusal must not show
 
 
 class _StarVault(BaseHTTPRequestHandler):
+    tokens: list[str] = []  # every token it was sent
+
     def do_GET(self):
+        self.tokens.append(self.headers.get("X-Vault-Token", ""))
         if self.path != "/v1/sys/storage/raft/snapshot":
             self.send_error(404)
         elif self.headers.get("X-Vault-Token") != TOKEN:
@@ -50,7 +54,7 @@ def starvault():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _StarVault)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     StarVaultCredentials(address=f"http://127.0.0.1:{srv.server_address[1]}", token=TOKEN).save("sv-test", overwrite=True)
-    StarVaultCredentials(address=f"http://127.0.0.1:{srv.server_address[1]}", token="wrong").save("sv-bad", overwrite=True)
+    StarVaultCredentials(address=f"http://127.0.0.1:{srv.server_address[1]}", token=BAD_TOKEN).save("sv-bad", overwrite=True)
     yield "sv-test"
     srv.shutdown()
 
@@ -177,10 +181,16 @@ def test_faults_write_no_manifest(lab3, lab_s3, starvault, tmp_path):
     store = tmp_path / "nfs"
     store.mkdir()
     state = backup_master_nodes(inventory=inv, store=str(store), starvault_block="sv-bad", return_state=True)
-    assert "raft snapshot refused (HTTP 403" in error_of(state) and TOKEN not in error_of(state)
+    assert "raft snapshot refused (HTTP 403" in error_of(state) and BAD_TOKEN not in error_of(state)
+    assert BAD_TOKEN in _StarVault.tokens  # it was sent: so its absence from the error means something
     assert not list(store.glob("nova-dr-manifest_*"))
     state = backup_master_nodes(inventory=inv, store=str(store), return_state=True)
     assert "no starvault_block is given" in error_of(state)
+    from tasks.storage import open_store
+
+    manifests = lambda: {f.name for f in open_store(lab_s3).list() if f.name.startswith("nova-dr-manifest_")}  # noqa: E731
+    before = manifests()
     os.kill(lab3.master("etcd2").sshd_pid, signal.SIGKILL)
     state = backup_master_nodes(inventory=inv, store=lab_s3, starvault_block=starvault, return_state=True)
     assert "nova-master-2.lab.local" in error_of(state) and "No manifest was written" in error_of(state)
+    assert manifests() == before  # as the store itself says, not only the message

@@ -127,9 +127,10 @@ def test_setup_creates_credentials_rotates_and_waits_for_available(world, vault)
     world.act_as_deployment_controller()
     world.velero_deployment()
     before = world.fake.get("apps", "deployments", "nova-cluster-backup", "velero")["metadata"]["generation"]
-    out = setup_data_protection(kube=str(world.kubeconfig), s3_block="s3-velero", bucket=world.bucket,
-                                rotate_password=True, starvault_block=vault.block, auto_approve=True,
-                                poll_seconds=0.2)
+    state = setup_data_protection(kube=str(world.kubeconfig), s3_block="s3-velero", bucket=world.bucket,
+                                  rotate_password=True, starvault_block=vault.block, auto_approve=True,
+                                  poll_seconds=0.2, return_state=True)
+    out = state.result()
     secret = world.fake.get("", "secrets", "nova-cluster-backup", "cloud-credentials")
     cloud = base64.b64decode(secret["data"]["cloud"]).decode()
     assert cloud.startswith("[default]\naws_access_key_id=nova-test\naws_secret_access_key=nova-test-secret")
@@ -142,8 +143,11 @@ def test_setup_creates_credentials_rotates_and_waits_for_available(world, vault)
     assert len(vault.versions) == 1 and len(vault.versions[0]["repository_password"]) >= 32
     assert vault.versions[0]["other"] == "kept"  # the secret's other keys survive the new version
     assert out["velero rollout"].startswith("1 of 1 replicas")
-    # the password is in no log line, artifact or result
-    assert vault.versions[0]["repository_password"] not in repr(out)
+    # the new password and the S3 secret key are in no log line, artifact, parameter or result
+    from tests.helpers import run_record
+
+    record = run_record(str(state.state_details.flow_run_id)) + repr(out)
+    assert vault.versions[0]["repository_password"] not in record and "nova-test-secret" not in record
 
 
 def test_setup_bad_input(world, vault):

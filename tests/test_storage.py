@@ -100,6 +100,9 @@ def test_s3_server_stopped_mid_upload_is_retried_then_fails_clearly(monkeypatch)
     st = open_store("s3://dying/p")
     st.attempts = 2
     killed = threading.Event()
+    calls: list[int] = []  # UploadPart calls nova-dr made, by part number (botocore's events: not our code)
+    st.s3.meta.events.register("provide-client-params.s3.UploadPart",
+                               lambda params, **kw: calls.append(params["PartNumber"]))
 
     def writer(out):
         out.write(os.urandom(20 << 20))  # the first part goes up
@@ -111,3 +114,4 @@ def test_s3_server_stopped_mid_upload_is_retried_then_fails_clearly(monkeypatch)
     with pytest.raises(StoreError, match=r"store s3://dying/p: uploading big.db \(part 2\) failed"):
         st.put("big.db", writer)
     assert killed.is_set()
+    assert calls.count(1) == 1 and calls.count(2) == st.attempts, calls  # part 2 tried again, then given up

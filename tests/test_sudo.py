@@ -7,10 +7,9 @@ import os
 import threading
 from pathlib import Path
 
-import httpx
-
 from flows.member import replace_etcd_member
 from flows.restore import restore_etcd_cluster
+from tests.helpers import run_record
 from tests.test_restore import assert_restored, error_of, fingerprint, prepare_lab
 
 
@@ -25,19 +24,6 @@ def _all_command_lines() -> list[bytes]:
                 except OSError:
                     pass
     return out
-
-
-def _run_record(run_id: str) -> str:
-    """What Prefect's server keeps of a run: its parameters, every log line, every artifact."""
-    api = os.environ["PREFECT_API_URL"]
-    from prefect.logging.handlers import APILogHandler
-
-    APILogHandler().flush()
-    run = httpx.get(f"{api}/flow_runs/{run_id}").text
-    logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}}).text
-    arts = httpx.post(f"{api}/artifacts/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).text
-    assert '"message"' in logs and '"data"' in arts  # the reads found something to look in
-    return run + logs + arts
 
 
 def test_a_restore_as_nova_with_a_sudo_password_leaks_it_nowhere(lab_factory, tmp_path):
@@ -66,7 +52,7 @@ def test_a_restore_as_nova_with_a_sudo_password_leaks_it_nowhere(lab_factory, tm
     assert state.is_completed(), error_of(state)
     assert_restored(lab, expected)
     assert samples[0] > 20 and leaked == []
-    assert password not in _run_record(str(state.state_details.flow_run_id))
+    assert password not in run_record(str(state.state_details.flow_run_id))
     # Checkpoints, results and records on this machine; the masters' own files (their logs).
     for root in (Path(os.environ["NOVA_DR_HOME"]), lab.dir / "nodes"):
         for f in root.rglob("*"):
