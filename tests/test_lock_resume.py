@@ -157,7 +157,9 @@ def test_another_recovery_from_another_prefect_home_waits_for_the_expiry(lab3, t
     snap, expected = prepare_lab(lab3, tmp_path)
     lab3.break_member("etcd1", "corrupt")
     lab3.break_member("etcd3", "wipe")
-    env_a = cli_env(operator_a, tmp_path / "nova-dr-a", ttl=30)
+    # TTL 60 s: the second refusal below must come before the expiry, and a `nova-dr run` on
+    # the embedded server takes 10-30 s to start on a busy machine (30 s was too short once).
+    env_a = cli_env(operator_a, tmp_path / "nova-dr-a", ttl=60)
     holds: list[Path] = []
     first = run_until(lab3, snap, env_a, tmp_path / "a.log", holds)  # at its gate, as long as it takes
     rid = re.search(r"recovery id: (\S+)", (tmp_path / "a.log").read_text()).group(1)
