@@ -17,6 +17,8 @@ sys-deps:
 	@command -v sudo >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo; }
 	@# age: the standard client the tests use to open what nova-dr encrypted (not needed at run time)
 	@command -v age >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq age; }
+	@# nftables: `lab net` drops packets inside a real-host master's network namespace
+	@command -v nft >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables; }
 	@$(PY) -m venv --help >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; }
 	@mkdir -p /run/sshd
 

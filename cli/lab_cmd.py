@@ -22,11 +22,13 @@ def up(dir: str = DirOpt, masters: int = typer.Option(3, "--masters", help="1, 3
        sudo_password: bool = typer.Option(False, "--sudo-password",
                                           help="the operator's sudo asks for a password (kept in DIR/sudo-password)"),
        bastion: bool = typer.Option(False, "--bastion", help="the inventory reaches the masters through a jump "
-                                    "host on 127.0.NET.10")) -> None:
+                                    "host (127.0.NET.10, or 198.18.NET.10 with --hosts)"),
+       hosts: bool = typer.Option(False, "--hosts", help="each master a host of its own: a network namespace on "
+                                  "198.18.NET.0/24, systemd as PID 1, a real etcd.service (User=etcd)")) -> None:
     """Build and start the lab (idempotent: a running lab is left as it is). The masters answer
     SSH as `nova`, with root through sudo; root cannot log in."""
     try:
-        typer.echo(Lab(dir).up(masters, net, sudo_password, bastion))
+        typer.echo(Lab(dir).up(masters, net, sudo_password, bastion, real_hosts=hosts))
     except LabError as err:
         _fail(err)
 
@@ -54,5 +56,17 @@ def break_(member: str, how: str = typer.Option(..., "--how", help="stop | corru
     """Inject a failure: stop (the process dies), corrupt (bolt db truncated), wipe (data dir gone)."""
     try:
         typer.echo(Lab(dir).break_member(member, how))
+    except LabError as err:
+        _fail(err)
+
+
+@app.command("net")
+def net_(member: str, how: str = typer.Argument(..., help="cut | heal | loss | rate"),
+         value: float = typer.Argument(None, help="loss: percent of packets dropped; rate: Mbit/s"),
+         dir: str = DirOpt) -> None:
+    """Inject a network fault between a master and every other host (a `--hosts` lab):
+    cut (a partition), loss PCT (random drops both ways), rate MBIT (a slow link), heal."""
+    try:
+        typer.echo(Lab(dir).net_fault(member, how, value))
     except LabError as err:
         _fail(err)

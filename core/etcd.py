@@ -238,12 +238,16 @@ def show(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+JOURNAL_PREFIX = re.compile(r"^[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \S+ [^\s:\[]+(\[\d+\])?: ")
+
+
 def summarize_log(text: str, most: int = 6) -> str:
     """The lines of an etcd log that explain a failure: its error/fatal/panic entries (without
     the Go stack traces), or the last lines when there are none."""
     picked = []
     for line in text.splitlines():
-        line = line.strip()
+        # journalctl's default output puts "Dec 02 05:57:01 host etcd[52]: " before each entry
+        line = JOURNAL_PREFIX.sub("", line.strip(), count=1)
         if line.startswith("{"):
             try:
                 entry = json.loads(line)

@@ -35,8 +35,12 @@ class MasterPaths(_Strict):
     )
     service_start: list[str] = Field(["systemctl", "start", "etcd"], description="start etcd")
     service_stop: list[str] = Field(["systemctl", "stop", "etcd"], description="stop etcd")
+    service_reset_failed: list[str] = Field(
+        ["systemctl", "reset-failed", "etcd"],
+        description="clears a failed unit and its start limit (StartLimitBurst), run before a start",
+    )
     service_is_active: list[str] = Field(
-        ["systemctl", "is-active", "etcd"], description="prints active/inactive/failed"
+        ["systemctl", "is-active", "etcd"], description="prints active/inactive/failed/activating"
     )
     service_logs: list[str] = Field(
         ["journalctl", "-u", "etcd", "-n", "40", "--no-pager"], description="etcd's last log lines"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -24,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from core.inventory import Cluster, load_inventory_file
-from lab import accounts, bastion
+from lab import accounts, bastion, hosts
 from lab.certs import make_ca, make_leaf
 from tasks.remote import connect
 
@@ -46,6 +48,9 @@ class LabMaster:
     data_dir_host: str  # where /var/lib/etcd's contents are, seen from the host
     mount_point: bool
     sshd_pid: int = 0
+    # --hosts: the master's systemd (as the machine sees its pid) and the unshare above it
+    init_pid: int = 0
+    launcher_pid: int = 0
 
 
 def etcd_bin_dir() -> Path:
@@ -121,7 +126,52 @@ class Lab:
 
     def running(self) -> bool:
         st = self.state()
-        return bool(st) and all(_pid_alive(m["sshd_pid"]) for m in st["masters"])
+        key = "init_pid" if st and st.get("hosts") else "sshd_pid"
+        return bool(st) and all(_pid_alive(m[key]) for m in st["masters"])
+
+    def real_hosts(self) -> bool:
+        return bool((self.state() or {}).get("hosts"))
+
+    def _cg_name(self, member: str) -> str:
+        return f"n{(self.state() or {}).get('net', 0)}-{member}"
+
+    def sshd_pid(self, member: str) -> int:
+        """The pid of the master's listening sshd, as this machine sees it."""
+        if self.real_hosts():
+            return hosts.unit_pid(self._cg_name(self.master(member).member), "ssh.service", "sshd")
+        return self.master(member).sshd_pid
+
+    def _host(self, member: str) -> LabMaster:
+        if member == "bastion" and (self.state() or {}).get("bastion"):
+            return LabMaster(**self.state()["bastion"])
+        return self.master(member)
+
+    def stop_sshd(self, member: str) -> None:
+        """Make a master (or the bastion) unreachable over SSH, its etcd still running:
+        connections are refused once this returns."""
+        h = self._host(member)
+        if self.real_hosts():
+            hosts.in_master(h.init_pid, "systemctl", "stop", "ssh")
+            return
+        os.kill(h.sshd_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _pid_alive(h.sshd_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def enter(self, member: str) -> list[str]:
+        """The command prefix that runs a command in a master's own files (its mount namespace)."""
+        if self.real_hosts():
+            return ["nsenter", "-t", str(self.master(member).init_pid), "-m", "-r", "-w"]
+        return ["nsenter", "--mount", "--target", str(self.master(member).sshd_pid)]
+
+    def first_on_path(self, member: str) -> Path:
+        """The folder, as this machine sees it, that comes first on the master's PATH (also sudo's)."""
+        nd = Path(self.master(member).node_dir)
+        return nd / "up/usr/local/bin" if self.real_hosts() else nd / "bin"
+
+    def in_master(self, member: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        """--hosts: run a command as root inside a master (the lab's own doing, not nova-dr's)."""
+        return hosts.in_master(self.master(member).init_pid, *cmd, check=check)
 
     def cluster(self) -> Cluster:
         return load_inventory_file(self.dir / "inventory.yaml")
@@ -130,6 +180,8 @@ class Lab:
         """The member's etcd pid, or 0 when it is not running (a zombie counts as dead, as in the
         lab's systemctl): the pid file holds the pid with the process's start time, and a pid
         reused by another process does not count."""
+        if self.real_hosts():
+            return hosts.unit_pid(self._cg_name(self.master(member).member))
         try:
             pid, started = (Path(self.master(member).node_dir) / "run" / "etcd.pid").read_text().split()
             return int(pid) if _start_time(int(pid)) == started else 0
@@ -151,10 +203,12 @@ class Lab:
                               capture_output=True, text=True, check=check, timeout=timeout)
 
     # -- up --------------------------------------------------------------------------
-    def up(self, masters: int = 3, net: int = 0, sudo_password: bool = False, jump_host: bool = False) -> str:
+    def up(self, masters: int = 3, net: int = 0, sudo_password: bool = False, jump_host: bool = False,
+           real_hosts: bool = False) -> str:
         """Masters answer SSH as `nova` only (root login refused), with root through sudo:
         NOPASSWD, or asking for a password (`sudo_password`, kept in DIR/sudo-password).
-        `jump_host`: the inventory reaches them through a bastion on 127.0.NET.10."""
+        `jump_host`: the inventory reaches them through a bastion on 127.0.NET.10.
+        `real_hosts`: each master a host of its own (lab/hosts.py), on 198.18.NET.x."""
         if masters not in (1, 3, 5, 7):
             raise LabError(f"--masters {masters}: a lab has 1, 3, 5 or 7 masters")
         if not 0 <= net <= 254:
@@ -171,9 +225,12 @@ class Lab:
         for sub in ("nodes", "pki", "ssh"):
             shutil.rmtree(self.dir / sub, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
-        lms = [self._lab_master(i, masters, net) for i in range(1, masters + 1)]
-        busy = [a for a in [m.address for m in lms] + ([f"127.0.{net}.10"] if jump_host else [])
-                if _wait_port(a, 22, 0.2)]
+        lms = [self._lab_master(i, masters, net, real_hosts) for i in range(1, masters + 1)]
+        jump_address = hosts.address(net, 10) if real_hosts else f"127.0.{net}.10"
+        # (198.18.x answers any connection through this machine's gateway until the lab's bridge
+        # exists: a second lab on that --net is refused by the bridge's name instead)
+        busy = [a for a in [m.address for m in lms] + ([jump_address] if jump_host else [])
+                if not real_hosts and _wait_port(a, 22, 0.2)]
         if busy:
             raise LabError(f"{', '.join(busy)}: port 22 already answers (another lab?). Stop it with "
                            "`nova-dr lab down --dir THAT_DIR`, or pick other addresses with --net N")
@@ -181,24 +238,42 @@ class Lab:
         self._make_ssh(lms)
         (self.dir / "sudo-password").unlink(missing_ok=True)
         password = accounts.make_password(self.dir / "sudo-password") if sudo_password else None
+        pub = (self.dir / "ssh/id_ed25519.pub").read_text()
         for lm in lms:
-            self._lay_out_master(lm, lms)
+            if real_hosts:
+                _host_folders(Path(lm.node_dir))
+            self._lay_out_master(lm, lms, real_hosts)
+            # On a real host, sudo finds the real systemctl (the lab's own is for loopback masters).
             accounts.write_account(Path(lm.node_dir) / "etc.up", Path(lm.node_dir) / "varlib.up",
-                                   f"{lm.node_dir}/bin", (self.dir / "ssh/id_ed25519.pub").read_text(), password)
+                                   "/usr/local/sbin" if real_hosts else f"{lm.node_dir}/bin", pub, password)
+            if real_hosts:
+                self._lay_out_host(lm, lms)
         s3_port = _free_port()
         jump = None
         if jump_host:
-            jump = LabMaster(member="bastion", node="bastion.lab.local", address=f"127.0.{net}.10",
+            jump = LabMaster(member="bastion", node="bastion.lab.local", address=jump_address,
                              node_dir=str(self.dir / "nodes" / "bastion"), data_dir_host="", mount_point=False)
-            line = bastion.lay_out(Path(jump.node_dir), jump.address, (self.dir / "ssh/id_ed25519.pub").read_text())
+            if real_hosts:
+                _host_folders(Path(jump.node_dir))
+            line = bastion.lay_out(Path(jump.node_dir), jump.address, pub)
+            if real_hosts:
+                hosts.lay_out_root(Path(jump.node_dir) / "up", jump.node, jump.address, {}, etcd=False,
+                                   host_key=Path(jump.node_dir) / "ssh_host_ed25519_key")
             with open(self.dir / "known_hosts", "a") as f:
                 f.write(line + "\n")
-        st = {"masters": [asdict(m) for m in lms], "net": net,
+        st = {"masters": [asdict(m) for m in lms], "net": net, "hosts": real_hosts,
               "endpoints": [f"https://{m.address}:2379" for m in lms],
               "s3": {"endpoint": f"http://127.0.0.1:{s3_port}", "pid": 0}}
         self.state_file.write_text(json.dumps(st, indent=1))
-        for lm in lms + ([jump] if jump else []):
-            lm.sshd_pid = self._start_sshd(lm)
+        if real_hosts:
+            try:
+                self._boot_hosts(lms, jump, st)
+            except BaseException:
+                self.down()
+                raise
+        else:
+            for lm in lms + ([jump] if jump else []):
+                lm.sshd_pid = self._start_sshd(lm)
         st["masters"] = [asdict(m) for m in lms]
         if jump:
             st["bastion"] = asdict(jump)
@@ -214,22 +289,26 @@ class Lab:
         return f"lab up: {masters} masters in {self.dir}; `. {self.dir}/etcdctl.env` to use etcdctl"
 
     def _start_members(self, lms: list[LabMaster], s3_port: int) -> None:
-        for lm in lms:  # the bastion too, if there is one
+        for lm in [] if self.real_hosts() else lms:  # the bastion too, if there is one
             if not _wait_port(lm.address, 22, 10):
                 raise LabError(f"sshd of {lm.member} did not listen on {lm.address}:22; see {lm.node_dir}/sshd.log")
-        cluster = self.cluster()
-        with ThreadPoolExecutor(len(lms)) as ex:
-            list(ex.map(lambda m: connect(cluster, m).run(m.paths.service_start), cluster.masters))
+        if not self.real_hosts():  # a real host's systemd starts etcd as it boots
+            cluster = self.cluster()
+            with ThreadPoolExecutor(len(lms)) as ex:
+                list(ex.map(lambda m: connect(cluster, m).run(m.paths.service_start), cluster.masters))
         self.wait_healthy()
+        if self.real_hosts():
+            self._check_no_leak()
         if not _wait_port("127.0.0.1", s3_port, 15):
             raise LabError("the S3 server (moto_server) did not start; see DIR/s3.log")
 
-    def _lab_master(self, i: int, n: int, net: int) -> LabMaster:
+    def _lab_master(self, i: int, n: int, net: int, real_hosts: bool) -> LabMaster:
         node_dir = self.dir / "nodes" / f"etcd{i}"
         mount_point = n >= 3 and i == n
-        data = node_dir / ("etcd-disk" if mount_point else "varlib.up/etcd")
+        data = node_dir / ("etcd-disk" if mount_point else "up/var/lib/etcd" if real_hosts else "varlib.up/etcd")
         return LabMaster(member=f"etcd{i}", node=f"nova-master-{i}.lab.local",
-                         address=f"127.0.{net}.{10 + i}", node_dir=str(node_dir),
+                         address=hosts.address(net, 10 + i) if real_hosts else f"127.0.{net}.{10 + i}",
+                         node_dir=str(node_dir),
                          data_dir_host=str(data), mount_point=mount_point)
 
     def _make_pki(self, lms: list[LabMaster]) -> None:
@@ -265,7 +344,7 @@ class Lab:
             known.append(f"{lm.address} " + " ".join((nd / "ssh_host_ed25519_key.pub").read_text().split()[:2]))
         (self.dir / "known_hosts").write_text("\n".join(known) + "\n")
 
-    def _lay_out_master(self, lm: LabMaster, lms: list[LabMaster]) -> None:
+    def _lay_out_master(self, lm: LabMaster, lms: list[LabMaster], real_hosts: bool = False) -> None:
         nd = Path(lm.node_dir)
         for d in ("etc.up", "etc.work", "varlib.up", "varlib.work", "opt.up", "opt.work", "bin", "run", "log", "hold",
                   "varlib.up/etcd", "opt.up/etcd", "opt.up/backup", "etc.up/etcd/pki", "etc.up/systemd/system",
@@ -279,10 +358,25 @@ class Lab:
         # to stop the run half way through the copies.
         _install_script(FILES / "hold-wrapper", nd / "bin" / "cat", NODE=str(nd), PROG="cat", REAL=shutil.which("cat"))
         bins = etcd_bin_dir()
-        (nd / "opt.up/etcd/etcd").symlink_to(bins / "etcd")
-        for prog in ("etcdctl", "etcdutl"):
-            _install_script(FILES / "hold-wrapper", nd / "opt.up/etcd" / prog, NODE=str(nd), PROG=prog,
-                            REAL=str(bins / prog))
+        if real_hosts:
+            # A host sees none of the machine's /tmp (the venv may be there): the binaries
+            # themselves. The hold folder is bound into the host at the same path
+            # (lab/hosts.py), so the same wrappers hold etcdctl, etcdutl, cat and the real
+            # systemctl; they sit first on PATH in the host's own /usr/local/bin.
+            _link_or_copy(bins / "etcd", nd / "opt.up/etcd/etcd")
+            for prog in ("etcdctl", "etcdutl"):
+                _link_or_copy(bins / prog, nd / "opt.up/etcd" / f"{prog}.real")
+                _install_script(FILES / "hold-wrapper", nd / "opt.up/etcd" / prog, NODE=str(nd), PROG=prog,
+                                REAL=f"/opt/etcd/{prog}.real")
+            local = nd / "up/usr/local/bin"
+            local.mkdir(parents=True, exist_ok=True)
+            for prog, real in (("cat", "/bin/cat"), ("systemctl", "/bin/systemctl")):
+                _install_script(FILES / "hold-wrapper", local / prog, NODE=str(nd), PROG=prog, REAL=real)
+        else:
+            (nd / "opt.up/etcd/etcd").symlink_to(bins / "etcd")
+            for prog in ("etcdctl", "etcdutl"):
+                _install_script(FILES / "hold-wrapper", nd / "opt.up/etcd" / prog, NODE=str(nd), PROG=prog,
+                                REAL=str(bins / prog))
         etc = nd / "etc.up"
         pki, k8s = self.dir / "pki", self.dir / "pki/k8s"
         shutil.copy(pki / "ca.crt", etc / "etcd/pki/ca.crt")
@@ -324,6 +418,92 @@ class Lab:
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "Subsystem sftp internal-sftp\nMaxSessions 64\nMaxStartups 64:30:128\nLogLevel ERROR\n"
             f"SetEnv SHLVL=1 PATH={nd}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
+
+    def _lay_out_host(self, lm: LabMaster, lms: list[LabMaster]) -> None:
+        nd = Path(lm.node_dir)
+        hosts.lay_out_root(nd / "up", lm.node, lm.address, {m.node: m.address for m in lms}, etcd=True,
+                           host_key=nd / "ssh_host_ed25519_key")
+        # etcd runs as etcd: its data dir and its key are its own, as a package installs them
+        for p, mode in ((Path(lm.data_dir_host), 0o700), (nd / "etc.up/etcd/pki/member.key", 0o600)):
+            os.chown(p, hosts.ETCD_UID, hosts.ETCD_UID)
+            p.chmod(mode)
+
+    def _boot_hosts(self, lms: list[LabMaster], jump: LabMaster | None, st: dict) -> None:
+        """Bridge, namespaces, and one systemd per host; the machine's /tmp and cgroup roots
+        are fingerprinted first, for `_check_no_leak`."""
+        net = st["net"]
+        fd, sentinel = tempfile.mkstemp(prefix=f"nova-lab-{net}-sentinel-", dir="/tmp")
+        token = secrets.token_hex(8)
+        os.write(fd, token.encode())
+        os.close(fd)
+        st["leak_check"] = {"sentinel": sentinel, "token": token,
+                            "cgroups": sorted(hosts.cgroup_dirs(self.dir / "cg2"))}
+        self.state_file.write_text(json.dumps(st, indent=1))
+        hosts.bridge_up(net)
+        for h in lms + ([jump] if jump else []):
+            hosts.host_net_up(net, h.member, h.address)
+            binds = {"/var/lib/etcd": Path(h.data_dir_host)} if h.mount_point else {}
+            (Path(h.node_dir) / "hold").mkdir(exist_ok=True)
+            binds[str(Path(h.node_dir) / "hold")] = Path(h.node_dir) / "hold"
+            h.launcher_pid, h.init_pid = hosts.boot(net, h.member, Path(h.node_dir), binds)
+            st["masters"] = [asdict(m) for m in lms]
+            if jump:
+                st["bastion"] = asdict(jump)
+            self.state_file.write_text(json.dumps(st, indent=1))
+        for h in lms + ([jump] if jump else []):
+            if not _wait_port(h.address, 22, 10):
+                raise LabError(f"sshd of {h.member} did not listen on {h.address}:22; see `journalctl -u ssh` "
+                               f"in it (nsenter -t {h.init_pid} -a -r -w journalctl -u ssh)")
+        if jump:  # behind a real bastion, masters answer SSH from it alone
+            for lm in lms:
+                hosts.only_ssh_from(hosts.netns(net, lm.member), jump.address)
+
+    def _check_no_leak(self) -> None:
+        """--hosts: prove that booting the masters touched nothing of the machine's."""
+        st = self.state()
+        lc = st["leak_check"]
+        try:
+            intact = Path(lc["sentinel"]).read_text() == lc["token"]
+        except OSError:
+            intact = False
+        if not intact:
+            raise LabError(f"a lab master touched the machine's /tmp: {lc['sentinel']} is gone or changed. "
+                           "The lab is stopped; report it (lab/hosts.py keeps /tmp private)")
+        names = [m.member for m in self.masters()] + (["bastion"] if st.get("bastion") else [])
+        ours = tuple(f"/lab-{hosts.cg_name(st['net'], n)}" for n in names)
+        new = hosts.cgroup_dirs(self.dir / "cg2") - set(lc["cgroups"])
+        stray = sorted(d for d in new if not d.endswith(ours))
+        if stray:
+            raise LabError(f"a lab master made cgroups outside its own: {', '.join(stray)}. The lab is stopped")
+
+    def _down_hosts(self, st: dict) -> list[str]:
+        """Kill each init, remove namespaces, veths, the bridge and the cgroups; returns what is left."""
+        hs = st["masters"] + ([st["bastion"]] if st.get("bastion") else [])
+        for h in hs:
+            hosts.shutdown(h.get("launcher_pid", 0), h.get("init_pid", 0))
+        hosts.net_down(st["net"], [h["member"] for h in hs])
+        left = [d for h in hs for d in hosts.cgroup_remove(hosts.cg_name(st["net"], h["member"]), self.dir / "cg2")]
+        lc = st.get("leak_check", {})
+        try:
+            if Path(lc["sentinel"]).read_text() != lc["token"]:
+                left.append(f"{lc['sentinel']} changed")
+            Path(lc["sentinel"]).unlink()
+        except KeyError:
+            pass
+        except OSError:
+            left.append(f"{lc['sentinel']} is gone")
+        for h in hs:
+            shutil.rmtree(Path(h["node_dir"]) / "work", ignore_errors=True)
+        return left
+
+    def net_fault(self, member: str, how: str, value: float | None = None) -> str:
+        """`lab net MEMBER cut|heal|loss PCT|rate MBIT` (real-host labs only)."""
+        if not self.real_hosts():
+            raise LabError("`lab net` needs masters with networks of their own: `nova-dr lab up --hosts`")
+        try:
+            return hosts.fault(self.state()["net"], self.master(member).member, how, value)
+        except hosts.HostError as err:
+            raise LabError(str(err)) from None
 
     def _start_sshd(self, lm: LabMaster) -> int:
         nd = lm.node_dir
@@ -396,6 +576,15 @@ class Lab:
         st = self.state()
         if not st:
             return f"no lab at {self.dir}"
+        if st.get("hosts"):
+            left = self._down_hosts(st)
+            s3 = st.get("s3", {}).get("pid", 0)
+            if _pid_alive(s3):
+                os.kill(s3, signal.SIGKILL)
+            self.state_file.unlink()
+            if left:
+                raise LabError(f"lab down: could not remove {', '.join(left)}")
+            return f"lab down: {len(st['masters'])} hosts stopped, their network and cgroups removed; files left in {self.dir}"
         pids = [self.etcd_pid(m["member"]) for m in st["masters"]]
         pids += [m["sshd_pid"] for m in st["masters"]] + [st.get("s3", {}).get("pid", 0)]
         pids.append(st.get("bastion", {}).get("sshd_pid", 0))
@@ -430,6 +619,10 @@ class Lab:
         cluster = self.cluster()
         m = cluster.master(lm.member)
         pid = self.etcd_pid(member)
+        if how == "stop" and self.real_hosts():
+            # Under Restart=always a killed etcd comes back: on a real host the unit is stopped.
+            self.in_master(member, "systemctl", "stop", "etcd")
+            return f"{member}: etcd.service stopped"
         if how == "stop":
             # The process dies (not a clean stop): systemctl then reports it failed.
             if _pid_alive(pid):
@@ -452,6 +645,22 @@ class Lab:
         f = Path(self.master(member).node_dir) / "hold" / name
         f.touch()
         return f
+
+
+def _host_folders(nd: Path) -> None:
+    """A real host's overlay upper dir (up/) holds /etc, /var/lib and /opt; the loopback
+    lab's names for them point there, so the layout code is the same."""
+    for real, alias in (("up/etc", "etc.up"), ("up/var/lib", "varlib.up"), ("up/opt", "opt.up")):
+        (nd / real).mkdir(parents=True, exist_ok=True)
+        if not (nd / alias).is_symlink():
+            (nd / alias).symlink_to(real)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
 
 
 def _install_script(src: Path, dst: Path, **subst: str) -> None:

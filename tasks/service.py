@@ -12,8 +12,13 @@ def read_service_state(conn: Connector, master: Master) -> str:
 
 
 def start_etcd(conn: Connector, master: Master) -> str:
-    if read_service_state(conn, master) == "active":
+    state = read_service_state(conn, master)
+    if state == "active":
         return "already running"
+    if state == "failed":
+        # A unit that crashed StartLimitBurst times refuses `start` ("start request repeated
+        # too quickly") until its failed state is cleared.
+        conn.run(master.paths.service_reset_failed, check=False, timeout=30)
     conn.run(master.paths.service_start, timeout=120)
     return "started"
 

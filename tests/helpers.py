@@ -35,11 +35,16 @@ REPO = Path(__file__).resolve().parent.parent
 _nets = itertools.count(int(os.environ.get("NOVA_DR_TEST_NET", "100")))  # 127.0.NET.x per lab
 
 
-def make_lab(masters: int, sudo_password: bool = False, bastion: bool = False) -> Lab:
-    """A fresh lab on its own 127.0.NET.x addresses."""
+# NOVA_DR_TEST_LAB=loopback: the older lab of sshds on loopback addresses (no systemd, no networks)
+REAL_HOSTS = os.environ.get("NOVA_DR_TEST_LAB", "loopback") != "loopback"
+
+
+def make_lab(masters: int, sudo_password: bool = False, bastion: bool = False, real_hosts: bool | None = None) -> Lab:
+    """A fresh lab on its own addresses (198.18.NET.x hosts, or 127.0.NET.x on loopback)."""
     net = next(_nets)
     lab = Lab(ROOT / f"lab-{net}")
-    lab.up(masters=masters, net=net, sudo_password=sudo_password, jump_host=bastion)
+    lab.up(masters=masters, net=net, sudo_password=sudo_password, jump_host=bastion,
+           real_hosts=REAL_HOSTS if real_hosts is None else real_hosts)
     return lab
 
 

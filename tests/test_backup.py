@@ -190,7 +190,7 @@ def test_faults_write_no_manifest(lab3, lab_s3, starvault, tmp_path):
 
     manifests = lambda: {f.name for f in open_store(lab_s3).list() if f.name.startswith("nova-dr-manifest_")}  # noqa: E731
     before = manifests()
-    os.kill(lab3.master("etcd2").sshd_pid, signal.SIGKILL)
+    lab3.stop_sshd("etcd2")
     state = backup_master_nodes(inventory=inv, store=lab_s3, starvault_block=starvault, return_state=True)
     assert "nova-master-2.lab.local" in error_of(state) and "No manifest was written" in error_of(state)
     assert manifests() == before  # as the store itself says, not only the message

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 
 import pytest
 
 from core.errors import AuthError, ConnectError
 from flows.restore import restore_etcd_cluster
-from lab.lab import _pid_alive
 from tasks.remote import connect
 from tests.test_restore import assert_restored, error_of, prepare_lab
 
@@ -36,11 +32,7 @@ def test_a_restore_through_the_bastion_as_nova_with_sudo(lab_factory, tmp_path):
     with pytest.raises(AuthError, match=f"jump host nova@{cluster.ssh.jump_host.address}:22: host key unknown"):
         connect(unknown, unknown.masters[0]).run(["true"])
     # ...and it is the way in: without it, no master is reached.
-    pid = lab.state()["bastion"]["sshd_pid"]
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while _pid_alive(pid) and time.monotonic() < deadline:  # until it no longer listens
-        time.sleep(0.05)
+    lab.stop_sshd("bastion")
     quick = cluster.model_copy(update={"ssh": cluster.ssh.model_copy(update={"connect_attempts": 1,
                                                                             "connect_timeout": 2})})
     with pytest.raises(ConnectError, match="unreachable through jump host"):

@@ -211,6 +211,6 @@ def test_refusals_change_nothing(lab3):
     state = replace_etcd_member(inventory=inv, member="etcd1", auto_approve=True, return_state=True)
     assert "etcd1 is healthy" in error_of(state) and "force=true" in error_of(state)
     assert fingerprint(lab3) == before
-    os.kill(lab3.master("etcd2").sshd_pid, signal.SIGKILL)
+    lab3.stop_sshd("etcd2")
     state = replace_etcd_member(inventory=inv, member="etcd2", auto_approve=True, return_state=True)
     assert "etcd2 is unreachable over SSH" in error_of(state)

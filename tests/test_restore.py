@@ -180,7 +180,8 @@ def ssh_sessions(lab) -> dict[str, int]:
         except (OSError, ValueError, IndexError):
             return 0
     procs = [d for d in Path("/proc").iterdir() if d.name.isdigit()]
-    return {m.member: sum(ppid(d) == m.sshd_pid for d in procs) for m in lab.masters()}
+    listeners = {m.member: lab.sshd_pid(m.member) for m in lab.masters()}
+    return {m: sum(ppid(d) == pid for d in procs) for m, pid in listeners.items()}
 
 
 def _answer(run_id: str, approve: bool) -> None:
@@ -276,7 +277,7 @@ def test_refusals_change_nothing(lab3, tmp_path, clean_listeners):
     t.join(60)
     assert fingerprint(lab3) == before
 
-    os.kill(lab3.master("etcd3").sshd_pid, signal.SIGKILL)  # etcd3 unreachable over SSH
+    lab3.stop_sshd("etcd3")  # etcd3 unreachable over SSH
     msg = refused(snap)
     assert "etcd3 unreachable over SSH" in msg and "nova-master-3.lab.local" in msg
 
@@ -397,7 +398,7 @@ def test_a_df_that_gives_no_number_refuses_the_restore(lab3, tmp_path):
     counted as "not short", so the free-space refusal was skipped."""
     snap, _ = prepare_lab(lab3, tmp_path)
     lab3.break_member("etcd2", "wipe")
-    df = Path(lab3.master("etcd3").node_dir) / "bin/df"  # first on the master's PATH
+    df = lab3.first_on_path("etcd3") / "df"
     df.write_text("#!/bin/sh\necho \"df: unrecognized option '--output=avail'\" >&2\nexit 1\n")
     df.chmod(0o755)
     before = fingerprint(lab3)
@@ -418,7 +419,7 @@ def test_a_full_disk_during_the_staging_restore_stops_nothing_and_leaves_no_part
                                        hashlib.sha256(snap.read_bytes()).hexdigest(), None)
     lm = lab3.master("etcd2")
     work = f"/var/lib/etcd/nova-dr-{rid}"
-    ns = ["nsenter", "--mount", "--target", str(lm.sshd_pid)]  # inside etcd2's own mount namespace
+    ns = lab3.enter("etcd2")  # inside etcd2's own mount namespace
     subprocess.run(ns + ["sh", "-c", f'mkdir -p "$1" && mount -t tmpfs -o size={snap.stat().st_size + (1 << 20)} '
                     'tmpfs "$1"', "sh", work], check=True)
     try:

@@ -1,0 +1,190 @@
+"""Masters as real hosts (lab/hosts.py): systemd as PID 1 with a real etcd.service, each
+master in a network namespace of its own, and what nova-dr does on them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.member import replace_etcd_member, restart_etcd_member
+from flows.restore import restore_etcd_cluster
+from lab import hosts
+from tests.helpers import ROOT, keys_on, make_lab, put_keys
+from tests.test_restore import assert_restored, error_of, prepare_lab
+
+CLI = str(Path(sys.executable).parent / "nova-dr")
+
+
+@pytest.fixture(scope="module")
+def hlab():
+    lab = make_lab(3, real_hosts=True)
+    yield lab
+    lab.destroy()
+
+
+def unit(lab, member: str, *props: str) -> dict[str, str]:
+    out = lab.in_master(member, "systemctl", "show", "etcd", *[f"-p{p}" for p in props]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_for(what, timeout: float = 30, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while not (got := what()):
+        assert time.monotonic() < deadline, f"gave up waiting ({timeout:.0f}s)"
+        time.sleep(every)
+    return got
+
+
+def uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+def test_lab_up_and_down_leave_the_machine_as_it_was(tmp_path):
+    """LAB.md: a systemd that saw the machine's /tmp once emptied it. A canary in /tmp and a
+    canary cgroup at the name=systemd root survive; nothing new stays behind."""
+    canary = Path("/tmp") / f"nova-dr-canary-{os.getpid()}-{secrets.token_hex(4)}"
+    canary.write_text("keep me")
+    cg = hosts.SYSTEMD_CG / canary.name
+    cg.mkdir()
+    try:
+        before = hosts.cgroup_dirs(tmp_path / "cg2")
+        netns_before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        lab = make_lab(1, real_hosts=True)
+        # a unit started on the master stays inside it (its own cgroup namespace)
+        lab.in_master("etcd1", "systemd-run", "--unit=nova-dr-probe", "sleep", "300")
+        probe = wait_for(lambda: [d for d in hosts.cgroup_dirs(tmp_path / "cg2") - before], 10)
+        assert all(f"/lab-{hosts.cg_name(lab.state()['net'], 'etcd1')}" in d for d in probe), probe
+        init = lab.master("etcd1").init_pid
+        lab.destroy()
+        assert not hosts.alive(init)
+        assert canary.read_text() == "keep me" and cg.is_dir()
+        assert hosts.cgroup_dirs(tmp_path / "cg2") == before
+        assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == netns_before
+    finally:
+        cg.rmdir()
+        canary.unlink(missing_ok=True)
+
+
+def test_a_corrupt_member_loops_in_auto_restart_and_replace_fixes_it(hlab):
+    inv = str(hlab.dir / "inventory.yaml")
+    put_keys(hlab, "/registry/pods/p", 50)
+    hlab.break_member("etcd3", "corrupt")
+    hlab.in_master("etcd3", "systemctl", "start", "--no-block", "etcd")
+    wait_for(lambda: unit(hlab, "etcd3", "ActiveState", "SubState") == {"ActiveState": "activating",
+                                                                       "SubState": "auto-restart"})
+    state = restart_etcd_member(inventory=inv, member="etcd3", auto_approve=True, return_state=True,
+                                catch_up_timeout_seconds=10)
+    msg = error_of(state)
+    assert "etcd3 did not start" in msg and "replace-etcd-member --param member=etcd3" in msg
+    assert "file size too small" in msg, msg  # the reason, from the unit's journal
+    state = replace_etcd_member(inventory=inv, member="etcd3", auto_approve=True, return_state=True)
+    assert state.is_completed(), error_of(state)
+    hlab.wait_healthy()
+    assert keys_on(hlab, "etcd3", "/registry/") == keys_on(hlab, "etcd1", "/registry/")
+    assert unit(hlab, "etcd3", "ActiveState")["ActiveState"] == "active"
+    member = Path(hlab.master("etcd3").data_dir_host) / "member"
+    assert (member.stat().st_uid, member.stat().st_gid) == (hosts.ETCD_UID, hosts.ETCD_UID)
+    assert uid_of(hlab.etcd_pid("etcd3")) == hosts.ETCD_UID
+
+
+def test_a_unit_at_its_start_limit_is_started_after_reset_failed(hlab):
+    # StartLimitBurst (5 in 10 s by default): the sixth start in a row is refused
+    for _ in range(6):
+        hlab.in_master("etcd2", "systemctl", "restart", "etcd", check=False)
+    assert unit(hlab, "etcd2", "ActiveState", "Result") == {"ActiveState": "failed", "Result": "start-limit-hit"}
+    refused = hlab.in_master("etcd2", "systemctl", "start", "etcd", check=False)
+    assert refused.returncode != 0  # what a bare start does here
+    state = restart_etcd_member(inventory=str(hlab.dir / "inventory.yaml"), member="etcd2", auto_approve=True,
+                                return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert unit(hlab, "etcd2", "ActiveState")["ActiveState"] == "active"
+    hlab.wait_healthy()
+
+
+def test_after_a_full_restore_etcd_owns_its_data_and_runs_as_etcd(hlab, tmp_path):
+    snap, expected = prepare_lab(hlab, tmp_path)
+    state = restore_etcd_cluster(inventory=str(hlab.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True,
+                                 return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert_restored(hlab, expected)
+    for m in hlab.masters():
+        member = Path(m.data_dir_host) / "member"
+        owners = {(p.stat().st_uid, p.stat().st_gid) for p in [member, *member.rglob("*")]}
+        assert owners == {(hosts.ETCD_UID, hosts.ETCD_UID)}, (m.member, owners)
+        assert uid_of(hlab.etcd_pid(m.member)) == hosts.ETCD_UID
+        assert unit(hlab, m.member, "ActiveState", "User") == {"ActiveState": "active", "User": "etcd"}
+
+
+def _health(lab, member: str) -> bool:
+    ep = f"https://{lab.master(member).address}:2379"
+    return lab.etcdctl("endpoint", "health", "--command-timeout=1s", endpoints=[ep], check=False).returncode == 0
+
+
+def _net(lab, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "lab", "net", *args, "--dir", str(lab.dir)], capture_output=True, text=True, timeout=60)
+
+
+def test_lab_net_cut_heal_loss_rate(hlab):
+    hlab.wait_healthy()
+    p = _net(hlab, "etcd2", "cut")
+    assert p.returncode == 0, p.stderr
+    wait_for(lambda: not _health(hlab, "etcd2"), 20)
+    assert _health(hlab, "etcd1") and _health(hlab, "etcd3")  # a majority on the other side
+    assert _net(hlab, "etcd2", "heal").returncode == 0
+    wait_for(lambda: _health(hlab, "etcd2"), 30)
+
+    ns = hosts.netns(hlab.state()["net"], "etcd2")
+    assert _net(hlab, "etcd2", "loss", "40").returncode == 0
+    for _ in range(20):
+        _health(hlab, "etcd2")
+    rules = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "novalab_fault"],
+                           capture_output=True, text=True, check=True).stdout
+    dropped = [int(w) for line in rules.splitlines() if "counter" in line
+               for w in [line.split("packets")[1].split()[0]]]
+    assert dropped and sum(dropped) > 0, rules
+
+    assert _net(hlab, "etcd2", "heal").returncode == 0
+    wait_for(lambda: _health(hlab, "etcd2"), 30)
+    assert _net(hlab, "etcd2", "rate", "1").returncode == 0
+    for _ in range(2):  # a put to a follower goes on to the leader: through the shaped eth0
+        hlab.etcdctl("put", "/rate/k", "x" * 100_000, endpoints=[f"https://{hlab.master('etcd2').address}:2379"],
+                     check=False, timeout=60)
+    # both ends of etcd2's link are shaped, and packets had to wait for the rate on them
+    for where in (["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", "eth0"],
+                  ["tc", "-s", "qdisc", "show", "dev", hosts.veth(hlab.state()["net"], "etcd2")]):
+        shaped = subprocess.run(where, capture_output=True, text=True, check=True).stdout
+        assert "tbf" in shaped and "rate 1Mbit" in shaped, shaped
+        assert int(shaped.split("overlimits")[1].split()[0]) > 0, shaped
+    assert _net(hlab, "etcd2", "heal").returncode == 0
+    hlab.wait_healthy()
+
+    # bad input: one clear line, nothing changed
+    for args, says in ((["etcd2", "loss"], "percentage"), (["etcd2", "rate", "0"], "above 0"),
+                       (["etcd9", "cut"], "no lab master 'etcd9'"), (["etcd2", "flap"], "use cut, heal")):
+        p = _net(hlab, *args)
+        assert p.returncode == 1 and says in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    assert _health(hlab, "etcd2")
+
+
+def test_behind_the_bastion_masters_answer_ssh_from_it_only(tmp_path):
+    lab = make_lab(1, bastion=True, real_hosts=True)
+    try:
+        with pytest.raises(OSError):
+            socket.create_connection((lab.master("etcd1").address, 22), timeout=2).close()
+        pid = lab.etcd_pid("etcd1")
+        state = restart_etcd_member(inventory=str(lab.dir / "inventory.yaml"), member="etcd1", force=True,
+                                    auto_approve=True, return_state=True)
+        assert state.is_completed(), error_of(state)
+        assert lab.etcd_pid("etcd1") not in (0, pid)  # restarted, through the bastion
+    finally:
+        lab.destroy()
