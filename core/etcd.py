@@ -234,6 +234,14 @@ def restore_argv(binary: str, snapshot: str, data_dir: str, name: str, initial_c
     return argv
 
 
+def work_timeout(size_bytes: int, floor: float = 120.0, slowest_bytes_per_s: float = 2e6) -> float:
+    """A timeout sized from the bytes a command handles: `floor` plus the time it takes at a
+    rate no working disk is slower than (2 MB/s). A 20 MB snapshot gets 130 s, an 8 GB one
+    about 70 min. (A dead master is caught in seconds by the connection's own probe; this
+    bounds a command that hangs on a live one.)"""
+    return floor + max(0, size_bytes) / slowest_bytes_per_s
+
+
 def show(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 

@@ -126,6 +126,11 @@ class SSHSettings(_Strict):
     strict_host_keys: bool = Field(True, description="refuse unknown or changed host keys")
     connect_timeout: float = Field(10.0, gt=0)
     connect_attempts: int = Field(3, ge=1, le=10)
+    # A partition drops packets without closing anything: with no output for
+    # `probe_after_seconds`, nova-dr asks sshd for an answer (a global request it must reply
+    # to), and a master silent for `dead_after_seconds` is a lost connection, retried.
+    probe_after_seconds: float = Field(5.0, gt=0)
+    dead_after_seconds: float = Field(20.0, gt=0)
     become: Literal["none", "sudo"] = Field(
         "none", description="how commands get root: none (the user is root) or sudo (NOPASSWD, or sudo_password)")
     sudo_password: SecretStr | None = Field(None, description="the user's sudo password, sent to sudo on stdin only")

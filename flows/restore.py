@@ -64,7 +64,7 @@ def restore_staging(run: Run, step: Step, up: dict) -> dict:
         datadir.copy_snapshot(conn, m, snap.db_path, snap.sha256, run.recovery_id)
     try:
         out = etcd.restore_snapshot(conn, m, run.cluster, f"{wd}/snapshot.db", f"{wd}/staging.tmp",
-                                    step.args["bump_revision"])
+                                    step.args["bump_revision"], snap.size)
     except CommandError:
         # A full disk leaves a partial staging.tmp beside the etcd that still runs there: it goes
         # now, not at some later run (the command has ended; nothing else writes there).

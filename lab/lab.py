@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from core.inventory import Cluster, load_inventory_file
-from lab import accounts, bastion, hosts
+from lab import accounts, bastion, hosts, s3
 from lab.certs import make_ca, make_leaf
 from tasks.remote import connect
 
@@ -204,11 +203,12 @@ class Lab:
 
     # -- up --------------------------------------------------------------------------
     def up(self, masters: int = 3, net: int = 0, sudo_password: bool = False, jump_host: bool = False,
-           real_hosts: bool = False) -> str:
+           real_hosts: bool = False, s3_endpoint: str | None = None) -> str:
         """Masters answer SSH as `nova` only (root login refused), with root through sudo:
         NOPASSWD, or asking for a password (`sudo_password`, kept in DIR/sudo-password).
         `jump_host`: the inventory reaches them through a bastion on 127.0.NET.10.
-        `real_hosts`: each master a host of its own (lab/hosts.py), on 198.18.NET.x."""
+        `real_hosts`: each master a host of its own (lab/hosts.py), on 198.18.NET.x.
+        `s3_endpoint`: use that S3 server instead of starting one (the tests share one)."""
         if masters not in (1, 3, 5, 7):
             raise LabError(f"--masters {masters}: a lab has 1, 3, 5 or 7 masters")
         if not 0 <= net <= 254:
@@ -248,7 +248,6 @@ class Lab:
                                    "/usr/local/sbin" if real_hosts else f"{lm.node_dir}/bin", pub, password)
             if real_hosts:
                 self._lay_out_host(lm, lms)
-        s3_port = _free_port()
         jump = None
         if jump_host:
             jump = LabMaster(member="bastion", node="bastion.lab.local", address=jump_address,
@@ -263,7 +262,9 @@ class Lab:
                 f.write(line + "\n")
         st = {"masters": [asdict(m) for m in lms], "net": net, "hosts": real_hosts,
               "endpoints": [f"https://{m.address}:2379" for m in lms],
-              "s3": {"endpoint": f"http://127.0.0.1:{s3_port}", "pid": 0}}
+              "s3": {"endpoint": s3_endpoint or "", "pid": 0}}
+        if not s3_endpoint:  # it starts in seconds: beside the masters
+            st["s3"]["pid"], st["s3"]["endpoint"] = self._start_s3()
         self.state_file.write_text(json.dumps(st, indent=1))
         if real_hosts:
             try:
@@ -277,18 +278,17 @@ class Lab:
         st["masters"] = [asdict(m) for m in lms]
         if jump:
             st["bastion"] = asdict(jump)
-        st["s3"]["pid"] = self._start_s3(s3_port)
         self.state_file.write_text(json.dumps(st, indent=1))
         self._write_inventory(lms)
         self._write_env(st)
         try:
-            self._start_members(lms + ([jump] if jump else []), s3_port)
+            self._start_members(lms + ([jump] if jump else []), st["s3"]["endpoint"])
         except BaseException:
             self.down()  # a lab that failed half way leaves no process behind
             raise
         return f"lab up: {masters} masters in {self.dir}; `. {self.dir}/etcdctl.env` to use etcdctl"
 
-    def _start_members(self, lms: list[LabMaster], s3_port: int) -> None:
+    def _start_members(self, lms: list[LabMaster], s3_endpoint: str) -> None:
         for lm in [] if self.real_hosts() else lms:  # the bastion too, if there is one
             if not _wait_port(lm.address, 22, 10):
                 raise LabError(f"sshd of {lm.member} did not listen on {lm.address}:22; see {lm.node_dir}/sshd.log")
@@ -299,8 +299,10 @@ class Lab:
         self.wait_healthy()
         if self.real_hosts():
             self._check_no_leak()
-        if not _wait_port("127.0.0.1", s3_port, 15):
-            raise LabError("the S3 server (moto_server) did not start; see DIR/s3.log")
+        try:
+            s3.wait_ready(None, s3_endpoint, self.dir / "s3.log")
+        except s3.S3Error as err:
+            raise LabError(str(err)) from None
 
     def _lab_master(self, i: int, n: int, net: int, real_hosts: bool) -> LabMaster:
         node_dir = self.dir / "nodes" / f"etcd{i}"
@@ -519,14 +521,14 @@ class Lab:
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         return p.pid
 
-    def _start_s3(self, port: int) -> int:
-        moto = Path(sys.executable).parent / "moto_server"
-        if not moto.exists():
-            raise LabError("moto_server is missing; run `make deps` (pip install 'moto[server]')")
-        log = open(self.dir / "s3.log", "ab")
-        p = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdin=subprocess.DEVNULL,
-                             stdout=log, stderr=log, start_new_session=True)
-        return p.pid
+    def _start_s3(self) -> tuple[int, str]:
+        """The lab's own S3 server (SeaweedFS), started beside the masters: ready by the time
+        etcd is (`_start_members` waits for both)."""
+        try:
+            p, url = s3.launch(self.dir / "s3", self.dir / "s3.log")
+        except s3.S3Error as err:
+            raise LabError(str(err)) from None
+        return p.pid, url
 
     def _write_inventory(self, lms: list[LabMaster]) -> None:
         inv = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from core.errors import NovaDRError
 from core.etcd import set_env_var
 from core.facts import parse_probe
 from core.inventory import Master

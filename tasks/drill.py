@@ -63,7 +63,8 @@ def scratch_etcd(snapshot_db: str, bins: Path, bump_revision: int = 0) -> Iterat
     proc = None
     try:
         conn = LocalConnector("drill")
-        out = etcd.restore_snapshot(conn, cluster.masters[0], cluster, snapshot_db, str(tmp / "data"), bump_revision)
+        out = etcd.restore_snapshot(conn, cluster.masters[0], cluster, snapshot_db, str(tmp / "data"), bump_revision,
+                                    os.path.getsize(snapshot_db))
         log = open(tmp / "etcd.log", "wb")
         proc = subprocess.Popen([str(bins / "etcd"), "--name", "drill", "--data-dir", str(tmp / "data"),
                                  "--listen-peer-urls", f"http://127.0.0.1:{peer}",

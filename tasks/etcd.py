@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from core.errors import NovaDRError
 from core.etcd import (EndpointStatus, HashKV, MemberInfo, SnapshotStatus, etcdctl_env, parse_count_fields,
                        parse_endpoint_health, parse_endpoint_status, parse_env_file, parse_hashkv,
-                       parse_member_list, parse_snapshot_status, restore_argv, supports_bump_revision)
+                       parse_member_list, parse_snapshot_status, restore_argv, supports_bump_revision,
+                       work_timeout)
 from core.inventory import Cluster, Master
 from tasks.remote import Connector
 
@@ -89,13 +90,14 @@ def bump_for(conn: Connector, master: Master, bump_revision: int) -> int:
 
 
 def restore_snapshot(conn: Connector, master: Master, cluster: Cluster, snapshot: str, data_dir: str,
-                     bump_revision: int) -> dict:
-    """`snapshot restore` into `data_dir` (which must not exist). Says whether it bumped."""
+                     bump_revision: int, size: int) -> dict:
+    """`snapshot restore` into `data_dir` (which must not exist), with a timeout sized from the
+    snapshot's `size`. Says whether it bumped."""
     binary = restore_binary(conn, master)
     bump = bump_for(conn, master, bump_revision)
     argv = restore_argv(binary, snapshot, data_dir, master.etcd_member, cluster.initial_cluster(),
                         cluster.etcd_token, master.peer_url, bump)
-    conn.run(["env", "ETCDCTL_API=3", *argv], timeout=1800)
+    conn.run(["env", "ETCDCTL_API=3", *argv], timeout=work_timeout(size))
     return {"binary": binary, "bumped": bump, "bump_supported": bool(bump) or not bump_revision}
 
 

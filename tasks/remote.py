@@ -347,8 +347,11 @@ class SSHConnector:
             chan.shutdown_write()
             err = bytearray()
             deadline = time.monotonic() + timeout
+            pulse = _pulse(chan.get_transport())
+            heard = time.monotonic()
             while True:
                 if chan.recv_ready():
+                    heard = time.monotonic()
                     data = chan.recv(1 << 20)
                     try:
                         sink.write(data)
@@ -366,8 +369,13 @@ class SSHConnector:
                     # first, and output may be missing (seen: `echo` answered 0 with no output).
                     raise EOFError("channel closed before the command's output ended")
                 else:
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if now > deadline:
                         raise socket.timeout()
+                    if now - heard > self._ssh.probe_after_seconds and not pulse.answers(
+                            self._ssh.probe_after_seconds, self._ssh.dead_after_seconds):
+                        raise EOFError(f"no answer from the master for {self._ssh.dead_after_seconds:.0f}s "
+                                       "(the network to it is down?)")
                     time.sleep(0.002)
             code = _exit_code(chan)
         except _SinkFailed as e:
@@ -446,6 +454,49 @@ class SSHConnector:
         if self._jump is not None:
             self._jump.close()
             self._jump = None
+
+
+class _Pulse:
+    """Is the peer still there, while a command prints nothing? TCP would take a quarter of an
+    hour to notice a partition. One probe at a time per connection: a global request that
+    sshd must answer (OpenSSH replies REQUEST_FAILURE to a name it does not know)."""
+
+    def __init__(self, transport: paramiko.Transport):
+        self.transport = transport
+        self.lock = threading.Lock()
+        self.sent: float | None = None
+        self.answered = time.monotonic()
+
+    def answers(self, every: float, dead_after: float) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            if self.sent is not None:
+                return now - self.sent <= dead_after
+            if now - self.answered > every:
+                self.sent = now
+                threading.Thread(target=self._probe, daemon=True, name="nova-dr-ssh-pulse").start()
+            return True
+
+    def _probe(self) -> None:
+        try:
+            # returns at the reply, or when the transport closes (then the caller sees it closed)
+            self.transport.global_request("keepalive@openssh.com", wait=True)
+        except Exception:  # noqa: BLE001 - a probe never fails the command by itself
+            pass
+        with self.lock:
+            self.answered, self.sent = time.monotonic(), None
+
+
+_pulses: dict[int, _Pulse] = {}
+_pulses_lock = threading.Lock()
+
+
+def _pulse(transport: paramiko.Transport) -> _Pulse:
+    """The one pulse of a transport (commands in parallel on one connection share it)."""
+    with _pulses_lock:
+        for key in [k for k, p in _pulses.items() if not p.transport.is_active()]:
+            del _pulses[key]
+        return _pulses.setdefault(id(transport), _Pulse(transport))
 
 
 def _exit_code(chan: paramiko.Channel) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PREFECT_PORT, ROOT, make_lab
+from tests.helpers import PREFECT_PORT, ROOT, make_lab, stop_shared_s3
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,6 +44,7 @@ def prefect_server():
         p.wait(15)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
+    stop_shared_s3()
     shutil.rmtree(ROOT, ignore_errors=True)
 
 
@@ -80,11 +81,8 @@ def fake_kube():
 
 
 @pytest.fixture(scope="session")
-def moto():
-    """moto's S3 server process, for the tests that act as Velero's bucket."""
-    from tests.helpers import start_moto
+def s3_endpoint():
+    """The session's real S3 server (SeaweedFS), for the tests that act as Velero's bucket."""
+    from tests.helpers import shared_s3
 
-    p, url = start_moto(ROOT / "moto-session.log")
-    yield url
-    p.terminate()
-    p.wait(10)
+    return shared_s3()

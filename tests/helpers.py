@@ -44,7 +44,7 @@ def make_lab(masters: int, sudo_password: bool = False, bastion: bool = False, r
     net = next(_nets)
     lab = Lab(ROOT / f"lab-{net}")
     lab.up(masters=masters, net=net, sudo_password=sudo_password, jump_host=bastion,
-           real_hosts=REAL_HOSTS if real_hosts is None else real_hosts)
+           real_hosts=REAL_HOSTS if real_hosts is None else real_hosts, s3_endpoint=shared_s3())
     return lab
 
 
@@ -92,27 +92,33 @@ def run_record(run_id: str) -> str:
     return run + logs + arts
 
 
-def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
-    """An S3 server process (moto) on a free loopback port."""
-    import sys
-    import time
+def start_s3(name: str) -> tuple[subprocess.Popen, str]:
+    """A real S3 server process (SeaweedFS, lab/s3.py) of a test's own, on free loopback ports."""
+    from lab import s3
 
-    import httpx
+    return s3.start(ROOT / name, ROOT / f"{name}.log")
 
-    port = _free_port()
-    out = open(log, "ab")
-    p = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                         stdout=out, stderr=out, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
+
+_shared_s3: list = []
+
+
+def shared_s3() -> str:
+    """The session's S3 server, started on first use (a start costs seconds); the labs and the
+    tests use it, each in buckets of its own. conftest stops it at the end."""
+    if not _shared_s3:
+        _shared_s3.extend(start_s3("s3-session"))
+    return _shared_s3[1]
+
+
+def stop_shared_s3() -> None:
+    if _shared_s3:
+        p = _shared_s3[0]
+        p.terminate()
         try:
-            httpx.get(url, timeout=1)
-            return p, url
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.1)
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        _shared_s3.clear()
 
 
 def s3_env(endpoint: str) -> dict[str, str]:

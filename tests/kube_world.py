@@ -1,5 +1,5 @@
 """The cluster around the Kubernetes flows, for tests: the fake API server with the tests acting
-as Flux, the CronJob controller, Velero and the Deployment controller, and moto's S3 server as
+as Flux, the CronJob controller, Velero and the Deployment controller, and a real S3 server (SeaweedFS) as
 Velero's bucket. Controllers answer a moment later from the server's event loop, as real ones
 would after a watch event."""
 

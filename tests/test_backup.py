@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import tarfile
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -65,8 +65,9 @@ def lab_s3(lab3, monkeypatch):
     for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "nova-test", "AWS_SECRET_ACCESS_KEY": "x",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
-    make_bucket(endpoint, "nova-backups")
-    return "s3://nova-backups/cluster-a"
+    bucket = f"nova-backups-{uuid.uuid4().hex[:8]}"  # the session's server is shared
+    make_bucket(endpoint, bucket)
+    return f"s3://{bucket}/cluster-a"
 
 
 def _members(path: Path) -> list[str]:

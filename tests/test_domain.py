@@ -279,3 +279,12 @@ def test_every_error_the_project_raises_survives_prefects_result_storage():
             assert type(back) is cls and str(back) == str(err) and vars(back) == vars(err)
         seen += 1
     assert seen >= 12
+
+
+def test_work_timeouts_grow_with_the_snapshot():
+    from core.etcd import work_timeout
+
+    assert work_timeout(0) == 120
+    assert work_timeout(20_000_000) == 130
+    assert 4000 < work_timeout(8_000_000_000) < 4400  # 8 GB: about 70 min, not a fixed 30
+    assert work_timeout(-1) == 120

@@ -72,10 +72,10 @@ def sha(data: bytes) -> str:
 # --- Velero -----------------------------------------------------------------------------------
 
 @pytest.fixture
-def world(fake_kube, moto, tmp_path, request):
+def world(fake_kube, s3_endpoint, tmp_path, request):
     bucket = f"files-{abs(hash(request.node.name)) % 10**8}"
-    make_bucket(moto, bucket)
-    w = World(fake_kube, moto, bucket, tmp_path)
+    make_bucket(s3_endpoint, bucket)
+    w = World(fake_kube, s3_endpoint, bucket, tmp_path)
     fake_kube.put({"apiVersion": "velero.io/v1", "kind": "BackupStorageLocation",
                    "metadata": {"name": "default", "namespace": "nova-cluster-backup"},
                    "spec": {"provider": "aws", "objectStorage": {"bucket": bucket}}})

@@ -8,15 +8,18 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from core.errors import ConnectionLost
 from flows.member import replace_etcd_member, restart_etcd_member
 from flows.restore import restore_etcd_cluster
 from lab import hosts
-from tests.helpers import ROOT, keys_on, make_lab, put_keys
+from tasks.remote import connect
+from tests.helpers import keys_on, make_lab, put_keys
 from tests.test_restore import assert_restored, error_of, prepare_lab
 
 CLI = str(Path(sys.executable).parent / "nova-dr")
@@ -188,3 +191,37 @@ def test_behind_the_bastion_masters_answer_ssh_from_it_only(tmp_path):
         assert lab.etcd_pid("etcd1") not in (0, pid)  # restarted, through the bastion
     finally:
         lab.destroy()
+
+
+def test_a_partition_during_a_silent_command_is_a_lost_connection_in_seconds(hlab):
+    """Packets dropped, nothing closed: TCP alone would wait out the command's timeout (here
+    30 min). The connection's probe finds the master silent, and the command is a lost
+    connection, which callers retry after reading the state again."""
+    cluster = hlab.cluster()
+    conn = connect(cluster, cluster.master("etcd2"))
+    conn.run(["true"])  # connected before the cut
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(_outcome(lambda: conn.run(["sleep", "100"], timeout=1800))))
+    t.start()
+    time.sleep(1)
+    try:
+        assert _net(hlab, "etcd2", "cut").returncode == 0
+        t.join(90)  # a bound for the test; dead_after_seconds is 20
+        assert not t.is_alive(), "the command still waits on a partitioned master"
+        assert isinstance(out[0], ConnectionLost) and "no answer from the master" in str(out[0]), out
+        # and a recovery started now names the master unreachable, at preflight
+        state = restart_etcd_member(inventory=str(hlab.dir / "inventory.yaml"), member="etcd2", auto_approve=True,
+                                    return_state=True)
+        assert "etcd2" in error_of(state) and "unreachable" in error_of(state), error_of(state)
+    finally:
+        _net(hlab, "etcd2", "heal")
+        t.join(120)
+        conn.close()
+    hlab.wait_healthy()
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - the test looks at what it was
+        return err

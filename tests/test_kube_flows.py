@@ -1,5 +1,5 @@
 """install-cronjob-backup, setup-data-protection and velero-backup against the wire-level fake
-API server (the tests act as Flux, the CronJob's pods and Velero) and moto's S3 server."""
+API server (the tests act as Flux, the CronJob's pods and Velero) and a real S3 server (SeaweedFS)."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ _buckets = itertools.count()
 
 
 @pytest.fixture
-def world(fake_kube, moto, tmp_path, request):
+def world(fake_kube, s3_endpoint, tmp_path, request):
     bucket = f"velero-{next(_buckets)}-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
-    make_bucket(moto, bucket)
-    return World(fake_kube, moto, bucket, tmp_path)
+    make_bucket(s3_endpoint, bucket)
+    return World(fake_kube, s3_endpoint, bucket, tmp_path)
 
 
 NFS = dict(nfs_server="10.0.0.5", nfs_path="/exports/nova-backup")

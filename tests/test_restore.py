@@ -417,7 +417,6 @@ def test_a_full_disk_during_the_staging_restore_stops_nothing_and_leaves_no_part
     cluster = lab3.cluster()
     rid = machinery.derive_recovery_id("restore-etcd-cluster", cluster.name,
                                        hashlib.sha256(snap.read_bytes()).hexdigest(), None)
-    lm = lab3.master("etcd2")
     work = f"/var/lib/etcd/nova-dr-{rid}"
     ns = lab3.enter("etcd2")  # inside etcd2's own mount namespace
     subprocess.run(ns + ["sh", "-c", f'mkdir -p "$1" && mount -t tmpfs -o size={snap.stat().st_size + (1 << 20)} '

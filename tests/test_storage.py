@@ -12,15 +12,7 @@ import uuid
 import pytest
 
 from tasks.storage import DirectoryStore, StoreError, open_store
-from tests.helpers import ROOT, make_bucket, s3_env, start_moto
-
-
-@pytest.fixture(scope="module")
-def moto():
-    p, url = start_moto(ROOT / "moto-storage.log")
-    yield url
-    os.killpg(p.pid, signal.SIGTERM)
-    p.wait(10)
+from tests.helpers import make_bucket, s3_env, shared_s3, start_s3
 
 
 @pytest.fixture(params=["dir", "s3"])
@@ -28,7 +20,7 @@ def store(request, tmp_path, monkeypatch):
     if request.param == "dir":
         (tmp_path / "store").mkdir()
         return DirectoryStore(tmp_path / "store")
-    endpoint = request.getfixturevalue("moto")
+    endpoint = shared_s3()
     for k, v in s3_env(endpoint).items():
         monkeypatch.setenv(k, v)
     bucket = f"b-{uuid.uuid4().hex[:10]}"
@@ -93,7 +85,7 @@ def test_full_directory_store_is_a_clear_failure(tmp_path):
 
 
 def test_s3_server_stopped_mid_upload_is_retried_then_fails_clearly(monkeypatch):
-    p, endpoint = start_moto(ROOT / "moto-dying.log")
+    p, endpoint = start_s3("s3-dying")
     for k, v in s3_env(endpoint).items():
         monkeypatch.setenv(k, v)
     make_bucket(endpoint, "dying")
