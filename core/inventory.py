@@ -39,6 +39,10 @@ class MasterPaths(_Strict):
         ["systemctl", "reset-failed", "etcd"],
         description="clears a failed unit and its start limit (StartLimitBurst), run before a start",
     )
+    service_user: list[str] = Field(
+        ["systemctl", "show", "-p", "User", "--value", "etcd"],
+        description="prints the unit's User= (empty: root): the owner of a data dir nova-dr has to create",
+    )
     service_is_active: list[str] = Field(
         ["systemctl", "is-active", "etcd"], description="prints active/inactive/failed/activating"
     )
@@ -130,7 +134,7 @@ class SSHSettings(_Strict):
     # `probe_after_seconds`, nova-dr asks sshd for an answer (a global request it must reply
     # to), and a master silent for `dead_after_seconds` is a lost connection, retried.
     probe_after_seconds: float = Field(5.0, gt=0)
-    dead_after_seconds: float = Field(20.0, gt=0)
+    dead_after_seconds: float = Field(15.0, gt=0)
     become: Literal["none", "sudo"] = Field(
         "none", description="how commands get root: none (the user is root) or sudo (NOPASSWD, or sudo_password)")
     sudo_password: SecretStr | None = Field(None, description="the user's sudo password, sent to sudo on stdin only")

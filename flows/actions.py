@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
-from core.errors import CommandError, NovaDRError
+from core.errors import CommandError, ConnectError, NovaDRError
 from core.etcd import parse_env_file, summarize_log
 from core.plan import Step
 from flows.machinery import Run, each_master
@@ -59,28 +59,41 @@ def quarantine_data(run: Run, step: Step, up: dict) -> dict:
 
 
 def _change_membership(run: Run, step: Step, what: str, decide) -> dict:
-    """Run one membership change from the helper master with bounded retries. Before each
+    """Run one membership change from a helper master with bounded retries. Before each
     try the member list is read again and `decide(members, entry, act)` sees the target's
-    current entry (None when absent), so a change that already landed is never made twice."""
-    conn, helper = on(run, step)
+    current entry (None when absent), so a change that already landed is never made twice.
+    The planned helper goes first; one that stops answering (its master went down, its
+    connection was lost half way) is replaced by the next master that is not the target."""
     target = run.cluster.master(step.args["target"])
-    env = read_etcd_env(conn, helper)
-    act = {"remove": lambda hex_id: etcd.member_remove(conn, helper, env, hex_id),
-           "add": lambda: etcd.member_add(conn, helper, env, target.etcd_member, target.peer_url)}
-    last = ""
+    helpers = [step.master] + [m.etcd_member for m in run.cluster.masters
+                               if m.etcd_member not in (step.master, target.etcd_member)]
+    last, turn = "", 0
     for _ in range(MEMBERSHIP_ATTEMPTS):
+        name = helpers[turn % len(helpers)]
+        helper = run.cluster.master(name)
         try:
+            conn = run.conn(name)
+            env = read_etcd_env(conn, helper)
             members = etcd.list_etcd_members(conn, helper, env)
-            if members is not None:  # None: the helper did not answer; read again
-                entry = next((x for x in members if target.peer_url in x.peer_urls), None)
-                return decide(members, entry, act)
+            if members is None:  # this helper's etcd did not answer: the next one
+                last, turn = f"{name}'s etcd did not answer", turn + 1
+                continue
+            act = {"remove": lambda hex_id: etcd.member_remove(conn, helper, env, hex_id),
+                   "add": lambda: etcd.member_add(conn, helper, env, target.etcd_member, target.peer_url)}
+            entry = next((x for x in members if target.peer_url in x.peer_urls), None)
+            return {**decide(members, entry, act), "helper": name}
+        except ConnectError as err:  # ConnectionLost too: the list is read again on the next helper
+            last, turn = str(err), turn + 1
+            continue
         except CommandError as err:
             if not any(t in str(err).lower() for t in TRANSIENT):
                 raise
             last = str(err)
+            if err.code == -1:  # our own timeout: that master is suspect, the next one tries
+                turn += 1
         time.sleep(MEMBERSHIP_DELAY)
-    raise NovaDRError(f"member {what} of {target.etcd_member} kept failing after {MEMBERSHIP_ATTEMPTS} attempts: "
-                      f"{last}")
+    raise NovaDRError(f"member {what} of {target.etcd_member} kept failing after {MEMBERSHIP_ATTEMPTS} attempts "
+                      f"(helpers tried: {', '.join(helpers[:max(1, min(turn + 1, len(helpers)))])}): {last}")
 
 
 def remove_member(run: Run, step: Step, up: dict) -> dict:
@@ -140,9 +153,14 @@ def wait_caught_up(run: Run, step: Step, up: dict) -> dict:
 
 
 def _statuses(run: Run, masters=None) -> list:
+    """The endpoint status of every member that answers: one whose master is unreachable
+    (a helper lost half way) is not a fact about the others."""
     def read(m):
-        conn = run.conn(m.etcd_member)
-        return etcd.read_endpoint_status(conn, m, read_etcd_env(conn, m))
+        try:
+            conn = run.conn(m.etcd_member)
+            return etcd.read_endpoint_status(conn, m, read_etcd_env(conn, m))
+        except ConnectError:
+            return None
 
     return [st for st in each_master(masters or run.cluster.masters, read) if st]
 

@@ -569,7 +569,7 @@ class Lab:
         for m in self.masters():
             p = self.etcdctl("endpoint", "health", "--command-timeout=2s", endpoints=[f"https://{m.address}:2379"],
                              check=False, timeout=10)
-            rows.append({"member": m.member, "address": m.address, "sshd": _pid_alive(m.sshd_pid),
+            rows.append({"member": m.member, "address": m.address, "sshd": _pid_alive(self.sshd_pid(m.member)),
                          "etcd_process": _pid_alive(self.etcd_pid(m.member)), "healthy": p.returncode == 0,
                          "data_dir_mount_point": m.mount_point})
         return rows

@@ -105,6 +105,7 @@ def copy_snapshot(conn: Connector, master: Master, local_db: str, sha256: str, r
     target = f"{wd}/snapshot.db"
     if remote_sha256(conn, target) == sha256:
         return "already there"
+    ensure_data_dir(conn, master)
     conn.run(["sh", "-c", 'mkdir -p "$1" && chmod 0700 "$2" "$1"', "mkdir", wd, master.paths.data_dir])
     # No second hash pass over the copy: SSH checks every byte in transit, the copy gets its
     # name only once complete, and the staging restore on this master checks the snapshot's
@@ -213,6 +214,27 @@ def delete_quarantine(conn: Connector, master: Master, recovery_id: str) -> str:
     return f"deleted {q}"
 
 
+# A wiped data dir (`rm -rf /var/lib/etcd`) must come back as the unit's user's: created by
+# root through sudo, it made a `User=etcd` unit fail with "open /var/lib/etcd: permission
+# denied" (seen on the real-host lab). Nothing else is there to copy the owner from.
+ENSURE_DATA_DIR = r"""
+set -eu
+d=$1; shift
+[ -d "$d" ] && { echo exists; exit 0; }
+u=$("$@" 2>/dev/null || true)
+mkdir -p -m 0700 "$d"
+if [ -n "$u" ] && [ "$u" != root ]; then chown "$u:$(id -gn "$u")" "$d"; fi
+if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled; then restorecon "$d" 2>/dev/null || true; fi
+echo "created for ${u:-root}"
+"""
+
+
+def ensure_data_dir(conn: Connector, master: Master) -> str:
+    """The data dir exists, owned as the unit expects (a no-op when it is there)."""
+    return conn.run(["sh", "-c", ENSURE_DATA_DIR, "ensure", master.paths.data_dir,
+                     *master.paths.service_user]).stdout.strip()
+
+
 QUARANTINE = r"""
 set -eu
 d=$1; q=$2; marker=$3
@@ -234,5 +256,6 @@ def quarantine_member_dir(conn: Connector, master: Master, recovery_id: str, qua
     """Move the member dir aside (replace: the member then starts empty and fetches from the leader).
     A marker makes a re-run leave alone the member dir that the new member has created since."""
     marker = f"{work_dir(master, recovery_id)}/quarantined"
+    ensure_data_dir(conn, master)
     res = conn.run(["sh", "-c", QUARANTINE, "sh", master.paths.data_dir, quarantine, marker])
     return res.stdout.strip()

@@ -373,7 +373,7 @@ class SSHConnector:
                     if now > deadline:
                         raise socket.timeout()
                     if now - heard > self._ssh.probe_after_seconds and not pulse.answers(
-                            self._ssh.probe_after_seconds, self._ssh.dead_after_seconds):
+                            self._ssh.dead_after_seconds):
                         raise EOFError(f"no answer from the master for {self._ssh.dead_after_seconds:.0f}s "
                                        "(the network to it is down?)")
                     time.sleep(0.002)
@@ -467,12 +467,12 @@ class _Pulse:
         self.sent: float | None = None
         self.answered = time.monotonic()
 
-    def answers(self, every: float, dead_after: float) -> bool:
+    def answers(self, dead_after: float) -> bool:
         with self.lock:
             now = time.monotonic()
             if self.sent is not None:
                 return now - self.sent <= dead_after
-            if now - self.answered > every:
+            if now - self.answered > 1.0:  # a silent command probes about once a second
                 self.sent = now
                 threading.Thread(target=self._probe, daemon=True, name="nova-dr-ssh-pulse").start()
             return True

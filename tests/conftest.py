@@ -59,8 +59,8 @@ def lab3():
 def lab_factory():
     labs = []
 
-    def make(n: int, sudo_password: bool = False, bastion: bool = False):
-        labs.append(make_lab(n, sudo_password, bastion))
+    def make(n: int, sudo_password: bool = False, bastion: bool = False, real_hosts: bool | None = None):
+        labs.append(make_lab(n, sudo_password, bastion, real_hosts))
         return labs[-1]
 
     yield make

@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 _nets = itertools.count(int(os.environ.get("NOVA_DR_TEST_NET", "100")))  # 127.0.NET.x per lab
 
 
-# NOVA_DR_TEST_LAB=loopback: the older lab of sshds on loopback addresses (no systemd, no networks)
-REAL_HOSTS = os.environ.get("NOVA_DR_TEST_LAB", "loopback") != "loopback"
+# The lab is real hosts (lab/hosts.py). NOVA_DR_TEST_LAB=loopback runs the suite on the older
+# lab of sshds on loopback addresses (no systemd, no networks of their own).
+REAL_HOSTS = os.environ.get("NOVA_DR_TEST_LAB", "hosts") != "loopback"
 
 
 def make_lab(masters: int, sudo_password: bool = False, bastion: bool = False, real_hosts: bool | None = None) -> Lab:
