@@ -6,7 +6,7 @@ import typer
 
 from lab.lab import Lab, LabError
 
-app = typer.Typer(help="A local lab of real masters (sshd + etcd 3.5 with TLS) on loopback addresses.",
+app = typer.Typer(help="A local lab of real masters: hosts with systemd, sshd and etcd 3.5 with TLS.",
                   no_args_is_help=True)
 DirOpt = typer.Option(".lab", "--dir", help="the lab's folder")
 
@@ -18,13 +18,14 @@ def _fail(err: Exception) -> None:
 
 @app.command()
 def up(dir: str = DirOpt, masters: int = typer.Option(3, "--masters", help="1, 3, 5 or 7"),
-       net: int = typer.Option(0, "--net", help="third octet of the masters' 127.0.NET.x addresses"),
+       net: int = typer.Option(0, "--net", help="third octet of the masters' addresses (198.18.NET.x)"),
        sudo_password: bool = typer.Option(False, "--sudo-password",
                                           help="the operator's sudo asks for a password (kept in DIR/sudo-password)"),
        bastion: bool = typer.Option(False, "--bastion", help="the inventory reaches the masters through a jump "
-                                    "host (127.0.NET.10, or 198.18.NET.10 with --hosts)"),
-       hosts: bool = typer.Option(False, "--hosts", help="each master a host of its own: a network namespace on "
-                                  "198.18.NET.0/24, systemd as PID 1, a real etcd.service (User=etcd)")) -> None:
+                                    "host (198.18.NET.10; 127.0.NET.10 with --loopback)"),
+       hosts: bool = typer.Option(True, "--hosts/--loopback", help="each master a host of its own (a network "
+                                  "namespace on 198.18.NET.0/24, systemd as PID 1, a real etcd.service with "
+                                  "User=etcd), or the older lab of sshds on 127.0.NET.x")) -> None:
     """Build and start the lab (idempotent: a running lab is left as it is). The masters answer
     SSH as `nova`, with root through sudo; root cannot log in."""
     try:

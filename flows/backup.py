@@ -25,7 +25,7 @@ from flows import machinery as mc
 from flows.machinery import Run
 from tasks import archive
 from tasks.crypto import EncryptingStore, recipients_from
-from tasks.storage import BackupStore, open_store
+from tasks.storage import BackupStore, StoreError, open_store
 
 FLOW_NAME = "backup-master-nodes"
 UNENCRYPTED = ("secrets are stored unencrypted: the node archives hold private keys, unseal tokens and the etcd "
@@ -40,6 +40,24 @@ def choose_snapshot_member(facts: ClusterFacts) -> str:
     if facts.healthy:
         return facts.healthy[0]
     raise PreflightError("no healthy etcd member to take the snapshot from; nothing was written")
+
+
+@task(name="clear-leftovers", retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def clear_leftovers(run: Run, store: BackupStore, age_minutes: int) -> dict:
+    """What earlier backups that were killed left behind. A partial file never has a final name
+    and no manifest names it (so no reader takes it for part of a set); this frees the space."""
+    try:
+        gone = {"store": store.clear_leftovers(age_minutes * 60)}
+    except StoreError as err:  # a credential without ListMultipartUploads must not stop the backup
+        get_run_logger().warning("could not clear what killed backups left in the store: %s", err)
+        gone = {"store": []}
+    per_master = mc.each_master(run.cluster.masters, lambda m: archive.clear_temp_snapshots(
+        run.conn(m.etcd_member), m, age_minutes))
+    gone.update({m.etcd_member: g for m, g in zip(run.cluster.masters, per_master)})
+    found = [f"{where}: {', '.join(names)}" for where, names in gone.items() if names]
+    if found:
+        get_run_logger().info("removed what killed backups left: %s", "; ".join(found))
+    return gone
 
 
 @task(name="save-etcd-snapshot", retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
@@ -123,6 +141,7 @@ def backup_master_nodes(
     starvault_block: str | None = None,
     recipients: list[str] | None = None,
     encrypt_etcd_snapshot: bool = False,
+    leftover_age_minutes: int = 240,
 ) -> dict:
     """Back up every master: the etcd snapshot, one archive per master, the StarVault snapshot,
     a manifest; then retention. Each INCLUDE_* / RETENTION_PERIOD_DAYS left empty comes from the
@@ -142,6 +161,8 @@ def backup_master_nodes(
             (default: the inventory's backup_recipients; none: stored unencrypted, with a warning)
         encrypt_etcd_snapshot: encrypt the etcd snapshot too (its Secrets are encrypted at rest already
             when the platform's encryption config is on, but its keys are in the node archives)
+        leftover_age_minutes: what a killed backup left (partial files in the store, open multipart
+            uploads, snapshot copies on the masters) is removed once it is this old (default 4 h)
     """
     log = get_run_logger()
     settings = resolve_settings(dict(INCLUDE_STARVAULT_UNSEAL_TOKENS=INCLUDE_STARVAULT_UNSEAL_TOKENS,
@@ -156,6 +177,7 @@ def backup_master_nodes(
     keys = recipients if recipients is not None else cluster.backup_recipients
     st = open_store(store, s3_block)
     st.list()  # the store answers before any master is touched
+    base = st
     if keys:
         st = EncryptingStore(st, recipients_from(keys), {"node", "starvault"} | ({"etcd"} if encrypt_etcd_snapshot
                                                                                   else set()))
@@ -167,6 +189,7 @@ def backup_master_nodes(
         if facts.unreachable:
             raise PreflightError("cannot back up: " + "; ".join(f.error for f in facts.masters if not f.reachable)
                                  + ". No manifest was written")
+        clear_leftovers(run, base, leftover_age_minutes)
         member = choose_snapshot_member(facts)
         ts = timestamp(datetime.now(timezone.utc))
         print(f"backup {ts}: etcd snapshot from {member}, {len(cluster.masters)} node archives -> {st.url}")

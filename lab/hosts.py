@@ -157,14 +157,14 @@ def fault(net: int, name: str, how: str, value: float | None = None) -> str:
         return f"{name}: cut off the network (every packet on eth0 dropped, both ways)"
     if how == "loss":
         if value is None or not 0 < value < 100:
-            raise HostError(f"loss {value}: give a percentage between 0 and 100")
+            raise HostError(f"{name}: loss needs a percentage above 0 and below 100, e.g. `lab net {name} loss 5`")
         pct = int(value)
         nft(ns, _table("novalab_fault", {"input": f"iifname eth0 numgen random mod 100 < {pct} counter drop",
                                          "output": f"oifname eth0 numgen random mod 100 < {pct} counter drop"}))
         return f"{name}: {pct}% of packets dropped, both ways"
     if how == "rate":
         if value is None or value <= 0:
-            raise HostError(f"rate {value}: give a rate in Mbit/s above 0")
+            raise HostError(f"{name}: rate needs Mbit/s above 0, e.g. `lab net {name} rate 100`")
         kbit = max(8, int(value * 1000))
         burst = max(16, kbit // 8 // 10)  # ~100 ms of traffic, in kbyte
         for args in (["-n", ns, "qdisc", "replace", "dev", "eth0"], ["qdisc", "replace", "dev", v]):

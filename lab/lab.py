@@ -203,11 +203,12 @@ class Lab:
 
     # -- up --------------------------------------------------------------------------
     def up(self, masters: int = 3, net: int = 0, sudo_password: bool = False, jump_host: bool = False,
-           real_hosts: bool = False, s3_endpoint: str | None = None) -> str:
+           real_hosts: bool = True, s3_endpoint: str | None = None) -> str:
         """Masters answer SSH as `nova` only (root login refused), with root through sudo:
         NOPASSWD, or asking for a password (`sudo_password`, kept in DIR/sudo-password).
         `jump_host`: the inventory reaches them through a bastion on 127.0.NET.10.
-        `real_hosts`: each master a host of its own (lab/hosts.py), on 198.18.NET.x.
+        `real_hosts`: each master a host of its own (lab/hosts.py), on 198.18.NET.x; False:
+        the older lab of sshds on 127.0.NET.x with a `systemctl` script.
         `s3_endpoint`: use that S3 server instead of starting one (the tests share one)."""
         if masters not in (1, 3, 5, 7):
             raise LabError(f"--masters {masters}: a lab has 1, 3, 5 or 7 masters")

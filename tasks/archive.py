@@ -124,3 +124,11 @@ def store_snapshot_archive(conn: Connector, tmp_path: str, member_name: str, sto
 
 def remove_temp_snapshot(conn: Connector, tmp_path: str) -> None:
     conn.run(["rm", "-f", "--", tmp_path])
+
+
+def clear_temp_snapshots(conn: Connector, master: Master, older_than_minutes: int) -> list[str]:
+    """The `.nova-dr-<ts>.db` copies a killed backup left in the backup dir (a snapshot is as
+    big as the db: enough of them fill the disk), untouched for that long."""
+    out = conn.run(["find", master.paths.backup_dir, "-maxdepth", "1", "-type", "f", "-name", ".nova-dr-*.db",
+                    "-mmin", f"+{int(older_than_minutes)}", "-print", "-delete"], check=False)
+    return [line for line in out.stdout.splitlines() if line.strip()]

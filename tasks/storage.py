@@ -37,6 +37,9 @@ class BackupStore(Protocol):
 
     def delete(self, name: str) -> None: ...
 
+    def clear_leftovers(self, older_than_s: float) -> list[str]:
+        """Remove what killed puts left (never a stored file); returns what went."""
+
 
 class _Hashing:
     """Counts and hashes what passes through to `inner`."""
@@ -118,6 +121,20 @@ class DirectoryStore:
         _check_name(name)
         (self._ready() / name).unlink(missing_ok=True)
 
+    def clear_leftovers(self, older_than_s: float) -> list[str]:
+        """The `.NAME.part-*` files a killed backup left, untouched for `older_than_s` (a put
+        in progress writes to its own all the time). Never a stored file."""
+        now, gone = time.time(), []
+        for p in self._ready().iterdir():
+            try:
+                if p.name.startswith(".") and ".part-" in p.name and p.is_file() \
+                        and now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+                    gone.append(p.name)
+            except FileNotFoundError:
+                pass  # its own put finished or cleaned it meanwhile
+        return gone
+
 
 class S3Store:
     """s3://bucket/prefix. Endpoint and credentials from a session (a Block) or boto3's own
@@ -159,6 +176,22 @@ class S3Store:
         except Exception as err:
             raise self._err("listing", err) from None
         return sorted(out, key=lambda f: f.name)
+
+    def clear_leftovers(self, older_than_s: float) -> list[str]:
+        """Abort the multipart uploads under this prefix that a killed backup left open (the
+        server keeps, and bills, their parts), started more than `older_than_s` ago."""
+        now, gone = time.time(), []
+        try:
+            pages = self.s3.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    if now - up["Initiated"].timestamp() > older_than_s:
+                        self.s3.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        gone.append(f"{up['Key']} (upload {up['UploadId'][:12]})")
+        except Exception as err:
+            raise self._err("clearing unfinished uploads", err) from None
+        return gone
 
     def put(self, name: str, write: Writer, mode: int = 0o600) -> tuple[int, str]:
         """Multipart upload fed part by part from the writer (bounded memory: one part)."""

@@ -11,6 +11,7 @@ import os
 import subprocess
 import tarfile
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +22,8 @@ from blocks.storage import StarVaultCredentials
 from flows.backup import backup_master_nodes
 from flows.restore import restore_etcd_cluster
 from lab.lab import etcd_bin_dir
+from tasks.remote import connect
+from tasks.storage import open_store
 from tests.helpers import keys_on, make_bucket, put_keys
 from tests.test_restore import assert_restored, error_of
 
@@ -187,7 +190,6 @@ def test_faults_write_no_manifest(lab3, lab_s3, starvault, tmp_path):
     assert not list(store.glob("nova-dr-manifest_*"))
     state = backup_master_nodes(inventory=inv, store=str(store), return_state=True)
     assert "no starvault_block is given" in error_of(state)
-    from tasks.storage import open_store
 
     manifests = lambda: {f.name for f in open_store(lab_s3).list() if f.name.startswith("nova-dr-manifest_")}  # noqa: E731
     before = manifests()
@@ -195,3 +197,38 @@ def test_faults_write_no_manifest(lab3, lab_s3, starvault, tmp_path):
     state = backup_master_nodes(inventory=inv, store=lab_s3, starvault_block=starvault, return_state=True)
     assert "nova-master-2.lab.local" in error_of(state) and "No manifest was written" in error_of(state)
     assert manifests() == before  # as the store itself says, not only the message
+
+
+def test_the_next_backup_clears_what_killed_backups_left(lab3, lab_s3, tmp_path):
+    """A kill leaves a partial file in a directory store, an open multipart upload in S3 and
+    the snapshot copy on a master. None has a final name or a manifest; the next backup
+    removes the ones old enough, and leaves a fresh one (a backup running beside it) alone."""
+    inv = str(lab3.dir / "inventory.yaml")
+    store = tmp_path / "nfs"
+    store.mkdir()
+    old, fresh = store / ".etcd_snapshot.db.tar.gz.part-1-2", store / ".other.tar.gz.part-3-4"
+    for p in (old, fresh):
+        p.write_bytes(b"half")
+    os.utime(old, (time.time() - 6 * 3600,) * 2)
+    cluster = lab3.cluster()
+    conn = connect(cluster, cluster.master("etcd2"))
+    copy = f"{cluster.master('etcd2').paths.backup_dir}/.nova-dr-2026-12-01_030000.db"
+    conn.run(["sh", "-c", 'head -c 100000 /dev/zero > "$1" && touch -d "6 hours ago" "$1"', "sh", copy])
+    state = backup_master_nodes(inventory=inv, store=str(store), INCLUDE_STARVAULT_DB_BACKUP=False, return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert not old.exists() and fresh.exists()
+    assert conn.run(["test", "-e", copy], check=False).code == 1
+    assert len(list(store.glob("nova-dr-manifest_*"))) == 1  # and the backup itself is whole
+
+    st = open_store(lab_s3)
+    bucket, prefix = st.bucket, st.prefix
+    up = st.s3.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/etcd_snapshot_killed.db.tar.gz")
+    st.s3.upload_part(Bucket=bucket, Key=f"{prefix}/etcd_snapshot_killed.db.tar.gz", UploadId=up["UploadId"],
+                      PartNumber=1, Body=b"x" * (5 << 20))
+    open_uploads = lambda: st.s3.list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/").get("Uploads", [])  # noqa: E731
+    assert [u["UploadId"] for u in open_uploads()] == [up["UploadId"]]  # the server keeps it open
+    state = backup_master_nodes(inventory=inv, store=lab_s3, INCLUDE_STARVAULT_DB_BACKUP=False,
+                                leftover_age_minutes=0, return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert open_uploads() == []
+    assert "etcd_snapshot_killed.db.tar.gz" not in {f.name for f in st.list()}

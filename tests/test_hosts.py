@@ -172,7 +172,7 @@ def test_lab_net_cut_heal_loss_rate(hlab):
     hlab.wait_healthy()
 
     # bad input: one clear line, nothing changed
-    for args, says in ((["etcd2", "loss"], "percentage"), (["etcd2", "rate", "0"], "above 0"),
+    for args, says in ((["etcd2", "loss"], "loss needs a percentage"), (["etcd2", "rate", "0"], "Mbit/s above 0"),
                        (["etcd9", "cut"], "no lab master 'etcd9'"), (["etcd2", "flap"], "use cut, heal")):
         p = _net(hlab, *args)
         assert p.returncode == 1 and says in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
