@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +33,7 @@ from core.etcd import env_mismatches
 from core.facts import ClusterFacts, MasterFacts
 from core.inventory import Cluster
 from core.plan import Plan, Step
+from core.resume import resume_notes
 from flows.lock import with_lock_notes
 from tasks import datadir, etcd, service
 from tasks.remote import Connector, connect
@@ -308,13 +310,50 @@ def run_step(run: Run, step: Step, actions: dict, upstream: dict) -> dict:
             "flow_run_id": str(ctx.flow_run.id) if ctx else ""}
 
 
+def checkpoint_max_age() -> timedelta:
+    """A checkpoint older than this is not trusted: a re-run a day later does the step again
+    (each reads the master's state first). NOVA_DR_CHECKPOINT_MAX_AGE_HOURS, default 24."""
+    return timedelta(hours=float(os.environ.get("NOVA_DR_CHECKPOINT_MAX_AGE_HOURS", "24")))
+
+
+def checkpoints_done(run: Run, plan: Plan) -> dict[str, str]:
+    """Step id -> when an earlier run of this recovery finished it, for the live checkpoints
+    (the result records run_step's cache writes, named by _checkpoint_key)."""
+    storage = state_dir() / "checkpoints"
+    now, out = datetime.now(timezone.utc), {}
+    for s in plan.steps:
+        f = storage / f"{run.recovery_id}-{s.id}"
+        try:
+            meta = json.loads(f.read_text()).get("metadata", {})
+            done = datetime.fromtimestamp(f.stat().st_mtime, timezone.utc)
+        except (OSError, ValueError):
+            continue
+        expires = meta.get("expiration")
+        if expires and datetime.fromisoformat(expires.replace("Z", "+00:00")) <= now:
+            continue
+        out[s.id] = f"{done:%Y-%m-%d %H:%M:%S} UTC"
+    return out
+
+
+def with_resume_notes(run: Run, plan: Plan, facts: ClusterFacts) -> Plan:
+    line, refusals = resume_notes(plan, checkpoints_done(run, plan), facts)
+    if refusals:
+        raise PreflightError("the masters no longer agree with what an earlier run of this recovery did: "
+                             + "; ".join(refusals) + ". The cluster was changed since; start a fresh recovery "
+                             f"with --param recovery_id=NEW (this one is {run.recovery_id}). Nothing was changed")
+    if not line:
+        return plan
+    return plan.model_copy(update={"summary": (plan.summary + "\n\n" if plan.summary else "") + line})
+
+
 def execute_plan(run: Run, plan: Plan, actions: dict[str, Action]) -> dict[str, dict]:
     """Submit every step with its dependencies; Prefect runs what is ready in parallel."""
     storage = state_dir() / "checkpoints"
     storage.mkdir(parents=True, exist_ok=True)
     futures = {}
     for s in plan.steps:
-        runner = run_step.with_options(task_run_name=s.id, result_storage=storage)
+        runner = run_step.with_options(task_run_name=s.id, result_storage=storage,
+                                       cache_expiration=checkpoint_max_age())
         futures[s.id] = runner.submit(run, s, actions, {d: futures[d] for d in s.deps},
                                       wait_for=[futures[d] for d in s.deps])
     results, failed = {}, None
@@ -356,7 +395,7 @@ def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: d
         return make_plan(facts)
 
     before = preflight(run)
-    plan = with_lock_notes(checked_plan(before), run.lock)
+    plan = with_resume_notes(run, with_lock_notes(checked_plan(before), run.lock), before)
     log.info("%s", plan.text())
     publish(f"{slug(plan.flow)}-plan", plan.markdown(), f"What {plan.flow} will do")
     if not auto_approve:

@@ -316,8 +316,8 @@ def _restore(run: Run, auto_approve: bool, approval_timeout_minutes: float, log)
     before, plan, approval, results = mc.run_recovery(run, plan_from, ACTIONS, auto_approve,
                                                       approval_timeout_minutes)
     ctx = FlowRunContext.get()
-    report = render_report(run, plan, before, results, approval, time.time() - started,
-                           str(ctx.flow_run.id) if ctx else "")
+    ctx_id = str(ctx.flow_run.id) if ctx else ""
+    report = render_report(run, plan, before, results, approval, time.time() - started, ctx_id)
     mc.publish("restore-report", report, "restore-etcd-cluster: what was done and what to do next")
     print(mc.render_table(["member", "leader", "raft term", "applied index", "revision", "hashkv", "live keys"],
                           [[r["member"], r["leader"], r["raft_term"], r["applied_index"], r["revision"], r["hashkv"],
@@ -325,7 +325,8 @@ def _restore(run: Run, auto_approve: bool, approval_timeout_minutes: float, log)
     summary = {"recovery_id": run.recovery_id, "snapshot": snap.source, "sha256": snap.sha256,
                "verify": results["verify"]["detail"], "approval": approval,
                "quarantine": {k.split("@")[1]: r["detail"]["quarantine"] for k, r in results.items()
-                              if k.startswith("swap-data@")}}
+                              if k.startswith("swap-data@")},
+               "resumed_steps": [k for k, r in results.items() if r.get("flow_run_id") not in ("", ctx_id)]}
     mc.mark_recovery_done(run.recovery_id, summary)
     return summary
 

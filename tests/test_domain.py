@@ -288,3 +288,31 @@ def test_work_timeouts_grow_with_the_snapshot():
     assert work_timeout(20_000_000) == 130
     assert 4000 < work_timeout(8_000_000_000) < 4400  # 8 GB: about 70 min, not a fixed 30
     assert work_timeout(-1) == 120
+
+
+def test_a_resume_lists_what_it_skips_and_refuses_a_member_running_again():
+    from core.facts import ClusterFacts, MasterFacts
+    from core.plan import Plan, Step
+    from core.resume import resume_notes
+
+    steps = (Step(id="stop-etcd@etcd1", action="stop_etcd", master="etcd1", title="t", destructive=True),
+             Step(id="stop-etcd@etcd2", action="stop_etcd", master="etcd2", title="t", destructive=True),
+             Step(id="swap-data@etcd1", action="swap_data", master="etcd1", title="t", destructive=True,
+                  deps=("stop-etcd@etcd1", "stop-etcd@etcd2")),
+             Step(id="swap-data@etcd2", action="swap_data", master="etcd2", title="t", destructive=True,
+                  deps=("stop-etcd@etcd1", "stop-etcd@etcd2")))
+    plan = Plan(flow="restore-etcd-cluster", cluster="c", recovery_id="rid", steps=steps)
+
+    def facts(*running):
+        return ClusterFacts(masters=tuple(MasterFacts(member=m, node=m, service="active" if m in running else "inactive",
+                                                      healthy=m in running) for m in ("etcd1", "etcd2")))
+
+    assert resume_notes(plan, {}, facts("etcd1", "etcd2")) == ("", [])  # a fresh start
+    done = {"stop-etcd@etcd1": "T1", "stop-etcd@etcd2": "T2"}
+    line, refusals = resume_notes(plan, done, facts())
+    assert refusals == [] and "2 step(s)" in line and "stop-etcd@etcd1 (T1)" in line and "swap-data" not in line
+    # etcd2 was started by hand after the earlier run stopped it: refused, naming it
+    line, refusals = resume_notes(plan, done, facts("etcd2"))
+    assert len(refusals) == 1 and refusals[0].startswith("stop-etcd@etcd2:") and "runs again" in refusals[0]
+    # once its data was swapped, a running etcd2 is what the plan expects (killed during the starts)
+    assert resume_notes(plan, {**done, "swap-data@etcd2": "T3"}, facts("etcd2"))[1] == []

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -471,3 +472,50 @@ def test_an_approval_that_never_comes_changes_nothing(lab3, tmp_path, clean_list
     assert "no approval within 0.1 min; nothing was changed" in msg, msg
     assert fingerprint(lab3) == before
     assert set(holders(lab3).values()) == {None}  # the cluster is free again
+
+
+def test_a_rerun_after_a_hand_repair_is_refused_and_a_plain_resume_lists_what_it_skips(lab3, tmp_path):
+    """A restore fails after it stopped every member, before any swap; an operator starts them
+    again by hand. The re-run (same snapshot, same recovery id) must not skip those stops."""
+    from tests.test_lock_resume import hold, reached
+
+    snap, _ = prepare_lab(lab3, tmp_path)
+    inv = str(lab3.dir / "inventory.yaml")
+    members = [m.member for m in lab3.masters()]
+    stops = [hold(lab3, m, "systemctl-stop") for m in members]
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(restore_etcd_cluster(inventory=inv, snapshot=str(snap),
+                                                                         auto_approve=True, return_state=True)))
+    t.start()
+    # the followers' stops are held; the leader's waits for theirs
+    _wait_for(lambda: sum(reached([h]) for h in stops) == len(stops) - 1, 120, "the followers' stops to be held")
+    reads = [hold(lab3, m, "cat-/etc/etcd.env-") for m in members]  # set-state-new reads the env file
+    for r in reads:
+        Path(f"{r}.abort").touch()
+    for h in stops:
+        h.unlink()
+    t.join(300)
+    assert "set-state-new@" in error_of(out[0]), error_of(out[0])
+    for r in reads:
+        Path(f"{r}.abort").unlink()
+        r.unlink()
+    assert [lab3.etcd_pid(m) for m in members] == [0, 0, 0]
+    cluster = lab3.cluster()
+
+    def service(m: str, what: str) -> None:  # by hand, on every master at once (quorum)
+        connect(cluster, cluster.master(m)).run(getattr(cluster.master(m).paths, f"service_{what}"))
+
+    with ThreadPoolExecutor(3) as ex:
+        list(ex.map(lambda m: service(m, "start"), members))
+    lab3.wait_healthy()
+    before = fingerprint(lab3)
+    msg = error_of(restore_etcd_cluster(inventory=inv, snapshot=str(snap), auto_approve=True, return_state=True))
+    assert "stop-etcd@etcd1: an earlier run of this recovery stopped etcd on etcd1" in msg, msg
+    assert "recovery_id=NEW" in msg and "Nothing was changed" in msg
+    assert fingerprint(lab3) == before
+    # stopped again, the same state is a plain resume: the stops are skipped, and said so
+    with ThreadPoolExecutor(3) as ex:
+        list(ex.map(lambda m: service(m, "stop"), members))
+    state = restore_etcd_cluster(inventory=inv, snapshot=str(snap), auto_approve=True, return_state=True)
+    assert state.is_completed(), error_of(state)
+    assert set(state.result()["resumed_steps"]) >= {f"stop-etcd@{m}" for m in members}
