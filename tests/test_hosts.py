@@ -61,18 +61,20 @@ def test_lab_up_and_down_leave_the_machine_as_it_was(tmp_path):
     cg.mkdir()
     try:
         before = hosts.cgroup_dirs(tmp_path / "cg2")
-        netns_before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         lab = make_lab(1, real_hosts=True)
         # a unit started on the master stays inside it (its own cgroup namespace)
         lab.in_master("etcd1", "systemd-run", "--unit=nova-dr-probe", "sleep", "300")
-        probe = wait_for(lambda: [d for d in hosts.cgroup_dirs(tmp_path / "cg2") - before], 10)
-        assert all(f"/lab-{hosts.cg_name(lab.state()['net'], 'etcd1')}" in d for d in probe), probe
-        init = lab.master("etcd1").init_pid
+        init, net = lab.master("etcd1").init_pid, lab.state()["net"]
+        ours = f"/lab-{hosts.cg_name(net, 'etcd1')}"
+        # (another test session's labs, lab-nOTHER-*, may come and go meanwhile)
+        new = lambda: [d for d in hosts.cgroup_dirs(tmp_path / "cg2") - before if ours in d or "/lab-n" not in d]  # noqa: E731
+        assert new() and all(ours in d for d in new()), new()
         lab.destroy()
         assert not hosts.alive(init)
         assert canary.read_text() == "keep me" and cg.is_dir()
-        assert hosts.cgroup_dirs(tmp_path / "cg2") == before
-        assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == netns_before
+        assert new() == []  # nothing new stays
+        assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+                    if n.startswith(hosts.netns(net, ""))]
     finally:
         cg.rmdir()
         canary.unlink(missing_ok=True)
@@ -229,9 +231,9 @@ def _outcome(fn):
 
 def test_a_helper_lost_half_way_through_a_replacement_is_replaced_by_another_member():
     """Five hosts, etcd5 corrupt. Whichever member the plan picks as the helper is cut off
-    the network while its `member remove` is held there (so it never ran): another healthy
-    member re-reads the list and does the remove and the add. Before, the run failed after
-    12 tries on the planned helper."""
+    the network while its `member remove` is held there (so it never ran), and stays cut:
+    another healthy member re-reads the list and does the remove and the add. Before, the run
+    failed after 12 tries on the planned helper."""
     lab = make_lab(5, real_hosts=True)
     holds = {}
     try:
@@ -254,18 +256,18 @@ def test_a_helper_lost_half_way_through_a_replacement_is_replaced_by_another_mem
         for m, f in holds.items():
             if m != held:
                 f.unlink()
-        # once etcd5 is back in the list, the lost master comes back too (the final
-        # verification wants every member); catching up needs only the members that answer
-        other = next(m for m in holds if m != held)
-        wait_for(lambda: etcd5_id(other) not in ("", old_id), 300, 1)
-        assert _net(lab, held, "heal").returncode == 0
         t.join(400)
         assert not t.is_alive()
-        state = out[0]
-        assert state.is_completed(), error_of(state)
-        steps = state.result()["steps"]
-        assert steps["remove-member@etcd5"]["helper"] != held and steps["add-member@etcd5"]["helper"] != held, steps
-        assert keys_on(lab, "etcd5", "/registry/") == keys_on(lab, "etcd1" if held != "etcd1" else "etcd2", "/registry/")
+        # The replacement went on without the lost master; only the final check, which wants
+        # every member, fails, naming it. etcd5 was removed and re-added while `held` stayed
+        # cut off: by another member.
+        msg = error_of(out[0])
+        assert "step verify failed" in msg and lab.master(held).node in msg and "unreachable" in msg, msg
+        other = next(m for m in holds if m != held)
+        assert etcd5_id(other) not in ("", old_id)
+        assert keys_on(lab, "etcd5", "/registry/") == keys_on(lab, other, "/registry/")
+        assert _net(lab, held, "heal").returncode == 0
+        lab.wait_healthy(timeout=120)
     finally:
         for f in holds.values():  # the orphan command on the cut master ends instead of running late
             Path(f"{f}.abort").touch()
