@@ -266,6 +266,7 @@ class Lab:
               "s3": {"endpoint": s3_endpoint or "", "pid": 0}}
         if not s3_endpoint:  # it starts in seconds: beside the masters
             st["s3"]["pid"], st["s3"]["endpoint"] = self._start_s3()
+            st["s3"]["ports"] = self._s3_ports
         self.state_file.write_text(json.dumps(st, indent=1))
         if real_hosts:
             try:
@@ -529,6 +530,7 @@ class Lab:
             p, url = s3.launch(self.dir / "s3", self.dir / "s3.log")
         except s3.S3Error as err:
             raise LabError(str(err)) from None
+        self._s3_ports = p.ports
         return p.pid, url
 
     def _write_inventory(self, lms: list[LabMaster]) -> None:
@@ -581,9 +583,13 @@ class Lab:
             return f"no lab at {self.dir}"
         if st.get("hosts"):
             left = self._down_hosts(st)
-            s3 = st.get("s3", {}).get("pid", 0)
-            if _pid_alive(s3):
-                os.kill(s3, signal.SIGKILL)
+            s3_pid = st.get("s3", {}).get("pid", 0)
+            if _pid_alive(s3_pid):
+                os.kill(s3_pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while _pid_alive(s3_pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            s3.remove_sockets(st.get("s3", {}).get("ports", []))
             self.state_file.unlink()
             if left:
                 raise LabError(f"lab down: could not remove {', '.join(left)}")
@@ -607,6 +613,7 @@ class Lab:
         deadline = time.monotonic() + 30
         while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
+        s3.remove_sockets(st.get("s3", {}).get("ports", []))
         self.state_file.unlink()
         return f"lab down: {len(st['masters'])} masters stopped; files left in {self.dir}"
 

@@ -52,7 +52,17 @@ def launch(data_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
            "-metricsPort=0", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
     with open(log, "ab") as out:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    p.ports = [master, master_g, volume, volume_g, filer, filer_g, s3, s3_g]  # for remove_sockets
     return p, f"http://127.0.0.1:{s3}"
+
+
+def remove_sockets(ports: list[int]) -> None:
+    """weed makes unix sockets at /tmp/seaweedfs-<part>[-grpc]-<port>.sock (fixed: TMPDIR is
+    not read, and only two have a flag) and leaves them when it ends: 130 of them were once
+    left in this machine's /tmp. Remove those of a server's own ports, once it has ended."""
+    for port in ports:
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{int(port)}.sock"):
+            sock.unlink(missing_ok=True)
 
 
 def wait_ready(p: subprocess.Popen | None, url: str, log: Path, timeout: float = 60) -> None:

@@ -112,6 +112,8 @@ def shared_s3() -> str:
 
 
 def stop_shared_s3() -> None:
+    from lab import s3
+
     if _shared_s3:
         p = _shared_s3[0]
         p.terminate()
@@ -119,6 +121,8 @@ def stop_shared_s3() -> None:
             p.wait(15)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait(15)
+        s3.remove_sockets(p.ports)
         _shared_s3.clear()
 
 

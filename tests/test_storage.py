@@ -107,3 +107,6 @@ def test_s3_server_stopped_mid_upload_is_retried_then_fails_clearly(monkeypatch)
         st.put("big.db", writer)
     assert killed.is_set()
     assert calls.count(1) == 1 and calls.count(2) == st.attempts, calls  # part 2 tried again, then given up
+    from lab import s3
+
+    s3.remove_sockets(p.ports)  # a killed weed leaves them in /tmp
