@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import BinaryIO, Callable, Protocol
 from urllib.parse import urlsplit
 
 from core.errors import NovaDRError
+from core.names import parse_name
 from core.sets import StoredFile
 
 Writer = Callable[[BinaryIO], None]
@@ -67,6 +69,9 @@ def _private(dest: str | Path) -> BinaryIO:
 def _check_name(name: str) -> None:
     if not name or "/" in name or name.startswith("."):
         raise StoreError(f"{name!r} is not a plain file name")
+
+
+_PART = re.compile(r"^\.(?P<name>.+)\.part-\d+-\d+$")  # DirectoryStore.put's temporary name
 
 
 class DirectoryStore:
@@ -123,12 +128,12 @@ class DirectoryStore:
 
     def clear_leftovers(self, older_than_s: float) -> list[str]:
         """The `.NAME.part-*` files a killed backup left, untouched for `older_than_s` (a put
-        in progress writes to its own all the time). Never a stored file."""
+        in progress writes to its own all the time). Never a stored file, nor a NAME not ours."""
         now, gone = time.time(), []
         for p in self._ready().iterdir():
             try:
-                if p.name.startswith(".") and ".part-" in p.name and p.is_file() \
-                        and now - p.stat().st_mtime > older_than_s:
+                part = _PART.match(p.name)
+                if part and parse_name(part["name"]) and p.is_file() and now - p.stat().st_mtime > older_than_s:
                     p.unlink()
                     gone.append(p.name)
             except FileNotFoundError:
@@ -179,14 +184,15 @@ class S3Store:
 
     def clear_leftovers(self, older_than_s: float) -> list[str]:
         """Abort the multipart uploads under this prefix that a killed backup left open (the
-        server keeps, and bills, their parts), started more than `older_than_s` ago."""
+        server keeps, and bills, their parts), started more than `older_than_s` ago: only
+        those of a name of ours (another tool may share the prefix)."""
         now, gone = time.time(), []
         try:
             pages = self.s3.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
             for page in pages:
                 for up in page.get("Uploads", []):
-                    if now - up["Initiated"].timestamp() > older_than_s:
+                    if parse_name(up["Key"].rsplit("/", 1)[-1]) and now - up["Initiated"].timestamp() > older_than_s:
                         self.s3.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                         gone.append(f"{up['Key']} (upload {up['UploadId'][:12]})")
         except Exception as err:

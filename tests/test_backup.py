@@ -206,29 +206,35 @@ def test_the_next_backup_clears_what_killed_backups_left(lab3, lab_s3, tmp_path)
     inv = str(lab3.dir / "inventory.yaml")
     store = tmp_path / "nfs"
     store.mkdir()
-    old, fresh = store / ".etcd_snapshot.db.tar.gz.part-1-2", store / ".other.tar.gz.part-3-4"
-    for p in (old, fresh):
+    old = store / ".etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2026-12-01_030000.db.tar.gz.part-1-2"
+    fresh = store / ".nova-master-1-nova-internal_kubereresources_2026-12-01_030000.tar.gz.part-3-4"
+    foreign = store / ".someone-elses.tar.gz.part-5-6"  # not a name of ours: never touched
+    for p in (old, fresh, foreign):
         p.write_bytes(b"half")
-    os.utime(old, (time.time() - 6 * 3600,) * 2)
+    for p in (old, foreign):
+        os.utime(p, (time.time() - 6 * 3600,) * 2)
     cluster = lab3.cluster()
     conn = connect(cluster, cluster.master("etcd2"))
     copy = f"{cluster.master('etcd2').paths.backup_dir}/.nova-dr-2026-12-01_030000.db"
     conn.run(["sh", "-c", 'head -c 100000 /dev/zero > "$1" && touch -d "6 hours ago" "$1"', "sh", copy])
     state = backup_master_nodes(inventory=inv, store=str(store), INCLUDE_STARVAULT_DB_BACKUP=False, return_state=True)
     assert state.is_completed(), error_of(state)
-    assert not old.exists() and fresh.exists()
+    assert not old.exists() and fresh.exists() and foreign.exists()
     assert conn.run(["test", "-e", copy], check=False).code == 1
     assert len(list(store.glob("nova-dr-manifest_*"))) == 1  # and the backup itself is whole
 
     st = open_store(lab_s3)
     bucket, prefix = st.bucket, st.prefix
-    up = st.s3.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/etcd_snapshot_killed.db.tar.gz")
-    st.s3.upload_part(Bucket=bucket, Key=f"{prefix}/etcd_snapshot_killed.db.tar.gz", UploadId=up["UploadId"],
+    killed = "etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2026-12-01_030000.db.tar.gz"
+    up = st.s3.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/{killed}")
+    st.s3.upload_part(Bucket=bucket, Key=f"{prefix}/{killed}", UploadId=up["UploadId"],
                       PartNumber=1, Body=b"x" * (5 << 20))
-    open_uploads = lambda: st.s3.list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/").get("Uploads", [])  # noqa: E731
-    assert [u["UploadId"] for u in open_uploads()] == [up["UploadId"]]  # the server keeps it open
+    other = st.s3.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/someone-elses.bin")["UploadId"]
+    open_uploads = lambda: {u["UploadId"] for u in st.s3.list_multipart_uploads(  # noqa: E731
+        Bucket=bucket, Prefix=f"{prefix}/").get("Uploads", [])}
+    assert open_uploads() == {up["UploadId"], other}  # the server keeps them open
     state = backup_master_nodes(inventory=inv, store=lab_s3, INCLUDE_STARVAULT_DB_BACKUP=False,
                                 leftover_age_minutes=0, return_state=True)
     assert state.is_completed(), error_of(state)
-    assert open_uploads() == []
-    assert "etcd_snapshot_killed.db.tar.gz" not in {f.name for f in st.list()}
+    assert open_uploads() == {other}  # ours aborted, the other tool's left alone
+    assert killed not in {f.name for f in st.list()}
