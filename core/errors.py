@@ -37,8 +37,10 @@ class CommandError(NovaDRError):
         # A Go program's panic or error line explains more than the stack trace after it.
         key = [x for x in lines if x.startswith(("Error:", "panic:", "fatal error:"))]
         tail = (key or lines)[-5:]
+        # A shell script says nothing in a one-line message: its arguments do.
+        shown = [a if "\n" not in a else "<script>" for a in argv]
         super().__init__(
-            f"on {node}: `{' '.join(argv[:4])}{' ...' if len(argv) > 4 else ''}` exited {code}: "
+            f"on {node}: `{' '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}` exited {code}: "
             + (" | ".join(tail) or "(no output)")
         )
 

@@ -61,14 +61,14 @@ def clear_leftovers(run: Run, store: BackupStore, age_minutes: int) -> dict:
 
 
 @task(name="save-etcd-snapshot", retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
-def save_etcd_snapshot(run: Run, member: str, store: BackupStore, ts: str) -> dict:
+def save_etcd_snapshot(run: Run, member: str, store: BackupStore, ts: str, db_size: int) -> dict:
     c = run.cluster
     m = c.master(member)
     conn = run.conn(member)
     db = etcd_snapshot_name(c.nova_version, c.k8s_version, ts, packed=False)
     tmp = f"{m.paths.backup_dir}/.nova-dr-{ts}.db"
     try:
-        status = archive.save_snapshot_on_master(conn, m, tmp)
+        status = archive.save_snapshot_on_master(conn, m, tmp, db_size)
         name = db + ".tar.gz"
         size, sha = archive.store_snapshot_archive(conn, tmp, db, store, name)
     finally:
@@ -193,7 +193,8 @@ def backup_master_nodes(
         member = choose_snapshot_member(facts)
         ts = timestamp(datetime.now(timezone.utc))
         print(f"backup {ts}: etcd snapshot from {member}, {len(cluster.masters)} node archives -> {st.url}")
-        futures = [save_etcd_snapshot.submit(run, member, st, ts)]
+        status = facts.by_member(member).status
+        futures = [save_etcd_snapshot.submit(run, member, st, ts, status.db_size if status else 0)]
         futures += [archive_master_files.submit(run, m.etcd_member, st, ts, settings) for m in cluster.masters]
         if settings["INCLUDE_STARVAULT_DB_BACKUP"]:
             futures.append(save_starvault_snapshot.submit(cluster, starvault_block, st, ts))

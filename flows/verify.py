@@ -14,6 +14,7 @@ from prefect.artifacts import create_table_artifact
 
 from blocks.inventory import resolve_inventory
 from core.errors import NovaDRError
+from core.etcd import revision_after_restore
 from core.inventory import Cluster
 from core.pki import parse_pki_listing, select_pki_files
 from core.sets import BackupSet, choose_set, read_sets
@@ -118,7 +119,7 @@ def restore_drill(cluster: Cluster, db: str, expected_revision: int | None,
     warning = compare_counts(previous_counts(key), counts)
     rows = [{"resource": r, "keys": n} for r, n in counts.items()] + [{"resource": "(total)", "keys": sum(counts.values())}]
     create_table_artifact(table=rows, key=key, description="live keys under /registry/ per resource type, per drill")
-    ok = expected_revision is None or rev == expected_revision
+    ok = expected_revision is None or rev == revision_after_restore(expected_revision)
     drill_check = Check("restore drill", "pass" if ok else "fail",
                         f"restored into a scratch etcd, started, serves revision {rev}"
                         + ("" if ok else f" (the snapshot's is {expected_revision})"))
@@ -159,8 +160,13 @@ def verify_backups(
     sets, _ = read_sets(st.list())
     if not sets:
         raise NovaDRError(f"store {st.url}: no backup set at all")
-    chosen = choose_set(sets, backup, names, False) if backup != "latest" else (
-        next((s for s in sets if s.complete(names, False)), sets[0]))
+    default = resolve_settings({"INCLUDE_STARVAULT_DB_BACKUP": INCLUDE_STARVAULT_DB_BACKUP})
+    # `latest` is the newest complete set. Our manifest is written last, once every file is
+    # stored, so a set with one is complete as its backup's switches made it; a set without
+    # one (the daemon's, or a backup killed half way) must hold what the default asks for.
+    chosen = choose_set(sets, backup, names, False) if backup != "latest" else next(
+        (s for s in sets if s.complete(names, default["INCLUDE_STARVAULT_DB_BACKUP"])
+         or (s.manifest and s.complete(names, False))), sets[0])
     checks: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="nova-dr-verify-") as tmp:
         folder = Path(tmp)
@@ -169,7 +175,6 @@ def verify_backups(
         manifest = None
         if chosen.manifest:
             manifest = json.loads((folder / chosen.manifest).read_text())
-        default = resolve_settings({"INCLUDE_STARVAULT_DB_BACKUP": INCLUDE_STARVAULT_DB_BACKUP})
         starvault = (manifest or {}).get("settings", {}).get("INCLUDE_STARVAULT_DB_BACKUP",
                                                                default["INCLUDE_STARVAULT_DB_BACKUP"])
         checks.append(check_freshness(sets, names, starvault, max_age_hours, now))

@@ -12,7 +12,7 @@ import json
 from isal import igzip
 
 from core.errors import NovaDRError
-from core.etcd import parse_snapshot_status
+from core.etcd import parse_snapshot_status, work_timeout
 from core.inventory import Master
 from core.pki import PKIEntry, parse_pki_listing, select_pki_files
 from tasks.etcd import etcdctl, read_etcd_env, restore_binary
@@ -102,11 +102,14 @@ def store_node_archive(conn: Connector, master: Master, files: list[str], store:
     return store.put(name, lambda out: stream_tar_gz(conn, argv, out), mode=0o600)
 
 
-def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str) -> dict:
-    """`etcdctl snapshot save` against this member alone, then `snapshot status` of the file."""
+def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str, db_size: int) -> dict:
+    """`etcdctl snapshot save` against this member alone, then `snapshot status` of the file.
+    Both etcdctl's own deadline and ours are sized from the member's db size (endpoint status)."""
     env = read_etcd_env(conn, master)
     conn.run(["mkdir", "-p", tmp_path.rsplit("/", 1)[0]])
-    etcdctl(conn, master, env, "snapshot", "save", tmp_path, "--command-timeout=10m", own=True, timeout=1800)
+    bound = int(work_timeout(db_size))
+    etcdctl(conn, master, env, "snapshot", "save", tmp_path, f"--command-timeout={bound}s", own=True,
+            timeout=bound + 60)
     binary = restore_binary(conn, master)
     st = parse_snapshot_status(conn.run(["env", "ETCDCTL_API=3", binary, "snapshot", "status", tmp_path, "-w", "json"]).stdout)
     return json.loads(st.model_dump_json())

@@ -78,6 +78,34 @@ mv -f "$f.nova-dr-new" "$f" 2>/dev/null || { cat "$f.nova-dr-new" > "$f"; rm -f 
 """
 
 
+# One restore into staging at a time on a master; only the holder of the lock clears or
+# renames staging.tmp. A run killed mid-restore leaves its command running on the master
+# (sshd does not stop a command whose client went away): a re-run waits for that orphan to
+# end instead of deleting the dir under it or restoring beside it into the same dir. The lock
+# is fd 9, which the restore inherits, so it lasts as long as any process of that run does;
+# `timeout` bounds the restore on the master itself, so no orphan holds it for ever. A failed
+# restore (a full disk) removes its partial staging.tmp at once: the etcd that still runs
+# there must not stay on a full disk until some later run.
+STAGE = r"""
+wd=$1; wait=$2; bound=$3; shift 3
+exec 9>>"$wd/staging.lock" || exit 1
+if ! flock -w "$wait" 9; then
+  echo "an earlier run's restore into $wd/staging.tmp is still running after ${wait}s of waiting (pgrep -af 'snapshot restore' shows it); it is stopped ${bound}s after it began: run this again then" >&2
+  exit 75
+fi
+[ -d "$wd/staging/member" ] && { echo "already staged"; exit 0; }
+rm -rf --one-file-system "$wd/staging.tmp"
+timeout -k 10 "$bound" "$@"
+rc=$?
+if [ "$rc" != 0 ]; then
+  rm -rf --one-file-system "$wd/staging.tmp"
+  [ "$rc" = 124 ] && echo "the restore was still running after ${bound}s and was stopped" >&2
+  exit "$rc"
+fi
+mv "$wd/staging.tmp" "$wd/staging" && echo staged
+"""
+
+
 def work_dir(master: Master, recovery_id: str) -> str:
     return f"{master.paths.data_dir}/nova-dr-{recovery_id}"
 
@@ -124,18 +152,15 @@ def staging_state(conn: Connector, master: Master, recovery_id: str) -> str:
     return "none"
 
 
-def clear_partial_staging(conn: Connector, master: Master, recovery_id: str) -> None:
-    """A restore interrupted half way leaves staging.tmp behind: data we made from the
-    snapshot ourselves, never the operator's. It must go, because restore refuses an
-    existing dir."""
-    tmp = f"{work_dir(master, recovery_id)}/staging.tmp"
-    assert PurePosixPath(tmp).name == "staging.tmp"
-    conn.run(["rm", "-rf", "--one-file-system", tmp])
-
-
-def finish_staging(conn: Connector, master: Master, recovery_id: str) -> None:
+def restore_into_staging(conn: Connector, master: Master, recovery_id: str, argv: list[str],
+                         bound: float) -> str:
+    """Run the restore `argv` (which writes staging.tmp) under the master's staging lock,
+    bounded by `bound` seconds there, and name its result staging once complete."""
     wd = work_dir(master, recovery_id)
-    conn.run(["mv", f"{wd}/staging.tmp", f"{wd}/staging"])
+    b = str(int(bound))
+    wait = str(int(bound) + 20)  # an orphan under the same bound ends by then
+    res = conn.run(["sh", "-c", STAGE, "sh", wd, wait, b, *argv], timeout=2 * int(bound) + 60)
+    return res.stdout.strip()
 
 
 def swap_in_restored(conn: Connector, master: Master, recovery_id: str, quarantine: str) -> str:
@@ -196,10 +221,11 @@ def unpark_manifest(conn: Connector, master: Master) -> str:
 
 
 def clean_work_dir(conn: Connector, master: Master, recovery_id: str) -> str:
-    """After verification: our copy of the snapshot and the (now empty) staging dir go; the
-    `swapped` marker stays, so that a late re-run knows the data in place is the restored one."""
+    """After verification: our copy of the snapshot, the staging lock and the (now empty)
+    staging dir go; the `swapped` marker stays, so that a late re-run knows the data in place
+    is the restored one."""
     wd = work_dir(master, recovery_id)
-    conn.run(["rm", "-f", f"{wd}/snapshot.db"])
+    conn.run(["rm", "-f", f"{wd}/snapshot.db", f"{wd}/staging.lock"])
     conn.run(["sh", "-c", 'rmdir "$1" 2>/dev/null; exit 0', "sh", f"{wd}/staging"])
     return "cleaned"
 

@@ -89,16 +89,24 @@ def bump_for(conn: Connector, master: Master, bump_revision: int) -> int:
     return bump_revision if supports_bump_revision(help_text.stdout + help_text.stderr) else 0
 
 
-def restore_snapshot(conn: Connector, master: Master, cluster: Cluster, snapshot: str, data_dir: str,
-                     bump_revision: int, size: int) -> dict:
-    """`snapshot restore` into `data_dir` (which must not exist), with a timeout sized from the
-    snapshot's `size`. Says whether it bumped."""
+def restore_command(conn: Connector, master: Master, cluster: Cluster, snapshot: str, data_dir: str,
+                    bump_revision: int) -> tuple[list[str], dict]:
+    """The `snapshot restore` argv into `data_dir` (which must not exist) for this master's
+    binary, and what it does: which binary, whether it bumps."""
     binary = restore_binary(conn, master)
     bump = bump_for(conn, master, bump_revision)
     argv = restore_argv(binary, snapshot, data_dir, master.etcd_member, cluster.initial_cluster(),
                         cluster.etcd_token, master.peer_url, bump)
-    conn.run(["env", "ETCDCTL_API=3", *argv], timeout=work_timeout(size))
-    return {"binary": binary, "bumped": bump, "bump_supported": bool(bump) or not bump_revision}
+    return ["env", "ETCDCTL_API=3", *argv], {"binary": binary, "bumped": bump,
+                                             "bump_supported": bool(bump) or not bump_revision}
+
+
+def restore_snapshot(conn: Connector, master: Master, cluster: Cluster, snapshot: str, data_dir: str,
+                     bump_revision: int, size: int) -> dict:
+    """`snapshot restore` into `data_dir`, with a timeout sized from the snapshot's `size`."""
+    argv, info = restore_command(conn, master, cluster, snapshot, data_dir, bump_revision)
+    conn.run(argv, timeout=work_timeout(size))
+    return info
 
 
 def wait_until_healthy(conns: dict[str, Connector], cluster: Cluster, members: list[str],

@@ -511,12 +511,14 @@ def _exit_code(chan: paramiko.Channel) -> int:
 
 
 # A dropped connection ends `cat`'s stdin early and `cat` exits 0: only the whole byte count
-# earns the final name (a cut snapshot copy was once renamed into place).
-_PUT_SCRIPT = """umask 077 && cat > "$1.part" || { rm -f "$1.part"; exit 1; }
-got=$(stat -c %s "$1.part") || exit 1
-[ "$got" = "$3" ] || { rm -f "$1.part"; echo "only $got of $3 bytes arrived for $1" >&2; exit 1; }
-[ -z "$2" ] || chmod "$2" "$1.part" || exit 1
-mv -f "$1.part" "$1"
+# earns the final name (a cut snapshot copy was once renamed into place). The part file is
+# this copy's own ($$): an orphan of a killed run, still waiting on a partitioned link, must
+# not truncate or remove the part a re-run is writing.
+_PUT_SCRIPT = """umask 077 && p="$1.part.$$" && cat > "$p" || { rm -f "$p"; exit 1; }
+got=$(stat -c %s "$p") || exit 1
+[ "$got" = "$3" ] || { rm -f "$p"; echo "only $got of $3 bytes arrived for $1" >&2; exit 1; }
+[ -z "$2" ] || chmod "$2" "$p" || exit 1
+mv -f "$p" "$1"
 """
 
 

@@ -34,9 +34,12 @@ BAD_TOKEN = "s.nova-refused-token-5c1e"  # what the sv-bad block sends: the secr
 
 class _StarVault(BaseHTTPRequestHandler):
     tokens: list[str] = []  # every token it was sent
+    stall: threading.Event | None = None  # set: a request waits for it before it is answered
 
     def do_GET(self):
         self.tokens.append(self.headers.get("X-Vault-Token", ""))
+        if self.stall is not None:
+            self.stall.wait(120)
         if self.path != "/v1/sys/storage/raft/snapshot":
             self.send_error(404)
         elif self.headers.get("X-Vault-Token") != TOKEN:
@@ -238,3 +241,51 @@ def test_the_next_backup_clears_what_killed_backups_left(lab3, lab_s3, tmp_path)
     assert state.is_completed(), error_of(state)
     assert open_uploads() == {other}  # ours aborted, the other tool's left alone
     assert killed not in {f.name for f in st.list()}
+
+
+def test_a_backup_killed_half_way_is_never_read_as_a_complete_set(lab3, starvault, tmp_path):
+    """The orchestrator dies once the etcd snapshot and the master archives are stored, while
+    StarVault's snapshot is on its way. Only whole files have final names; with no StarVault
+    snapshot and no manifest the set is not complete, and verify-backups' `latest` is the set
+    before it (it took the killed one, and failed it). An etcd restore needs no StarVault
+    snapshot: for it the killed set is whole (its log says it has no manifest)."""
+    import signal
+    import sys
+
+    from core.names import parse_name
+    from flows.verify import verify_backups
+    from tasks.backups import find_set
+    from tests.helpers import REPO
+    from tests.test_restore import _wait_for
+
+    inv = str(lab3.dir / "inventory.yaml")
+    store = tmp_path / "nfs"
+    store.mkdir()
+    first = backup_master_nodes(inventory=inv, store=str(store), starvault_block=starvault)["timestamp"]
+    time.sleep(1.1)  # a set's name has the second
+    stored = lambda: [p.name for p in store.iterdir() if parse_name(p.name) and first not in p.name]  # noqa: E731
+    code = ("from flows.backup import backup_master_nodes as f; "
+            f"f(inventory={inv!r}, store={str(store)!r}, starvault_block={starvault!r})")
+    asked = len(_StarVault.tokens)
+    _StarVault.stall = threading.Event()
+    try:
+        with open(tmp_path / "killed.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True, stdout=log,
+                                    stderr=log)
+        _wait_for(lambda: (len(stored()) == 4 and len(_StarVault.tokens) > asked) or proc.poll() is not None,
+                  180, "the archives and the StarVault request")
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        _StarVault.stall.set()
+        _StarVault.stall = None
+    killed = {parse_name(n).ts for n in stored()}
+    assert len(killed) == 1 and first not in killed and sorted(parse_name(n).kind for n in stored()) == [
+        "etcd", "node", "node", "node"]  # whole files under final names, and nothing else
+    names = [m.archive_name for m in lab3.cluster().masters]
+    assert find_set(open_store(str(store)), "latest", names, True).ts == first
+    restoring = find_set(open_store(str(store)), "latest", names, False)
+    assert restoring.ts in killed and restoring.manifest is None
+    verified = verify_backups(inventory=inv, store=str(store))
+    assert verified["set"] == first, verified["summary"]

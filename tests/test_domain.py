@@ -290,6 +290,14 @@ def test_work_timeouts_grow_with_the_snapshot():
     assert work_timeout(-1) == 120
 
 
+def test_the_revision_a_restore_serves():
+    from core.etcd import revision_after_restore
+
+    assert revision_after_restore(0) == 1  # no key ever written: the store begins at 1
+    assert revision_after_restore(4) == 4
+    assert revision_after_restore(4, 1_000_000_000) == 1_000_000_004
+
+
 def test_a_resume_lists_what_it_skips_and_refuses_a_member_running_again():
     from core.facts import ClusterFacts, MasterFacts
     from core.plan import Plan, Step

@@ -148,6 +148,59 @@ def test_resume_after_the_process_is_killed(lab3, tmp_path, where):
     assert (quarantines(lab3, "etcd1")[0] / "member/snap/db").stat().st_size == 4096
 
 
+def _staging_lock_waiters(lab, member: str) -> int:
+    """`flock` processes waiting for a staging lock on that master (its own network namespace)."""
+    ns = os.readlink(f"/proc/{lab.sshd_pid(member)}/ns/net")
+    n = 0
+    for d in Path("/proc").iterdir():
+        try:
+            if (d.name.isdigit() and os.readlink(d / "ns/net") == ns
+                    and (d / "cmdline").read_bytes().split(b"\0")[0].endswith(b"flock")):
+                ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                n += b"staging.lock" in Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except OSError:
+            continue
+    return n
+
+
+def test_a_rerun_waits_for_the_restore_a_killed_run_left_running(lab3, tmp_path):
+    """sshd does not stop a command whose client went away: the killed run's restore on etcd2
+    goes on, late. The re-run must wait for it to end, not clear the dir under it or restore
+    beside it into the same dir (the trace shows when each call ran)."""
+    snap, expected = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd1", "corrupt")
+    hold = lab3.hold("etcd2", "etcdutl-snapshot-restore")
+    trace, late = Path(f"{hold}.trace"), Path(f"{hold}.late")
+    for f in (trace, late):
+        f.touch(mode=0o666)
+        f.chmod(0o666)  # the wrapper runs as whoever runs etcdutl there
+    try:
+        proc = _start_in_subprocess(lab3, snap, tmp_path / "first-run.log")
+        _wait_for(lambda: Path(f"{hold}.reached").exists() or proc.poll() is not None, 180, "the hold")
+        assert proc.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(state=restore_etcd_cluster(
+            inventory=str(lab3.dir / "inventory.yaml"), snapshot=str(snap), auto_approve=True, return_state=True)))
+        t.start()
+        _wait_for(lambda: _staging_lock_waiters(lab3, "etcd2") or trace.read_text().count("arrive") > 1
+                  or not t.is_alive(), 180, "the re-run to reach etcd2's restore")
+        hold.unlink()  # the orphan goes on, late
+        t.join(600)
+        assert out["state"].is_completed(), error_of(out["state"])
+        assert_restored(lab3, expected)
+        calls = [line.split() for line in trace.read_text().splitlines()]
+        orphan = calls[0][1]
+        # The orphan ran to its end before any call of the re-run even reached etcdutl (without
+        # the lock, the re-run's arrived while the orphan was held, and ran beside it).
+        assert calls[:3] == [["arrive", orphan], ["start", orphan], ["end", orphan, "0"]], calls
+        assert "restored snapshot" in late.read_text()
+    finally:
+        for f in (hold, trace, late):
+            f.unlink(missing_ok=True)
+
+
 def _run_in_thread(**kw) -> tuple[threading.Thread, dict]:
     out: dict = {}
     ids: list[str] = []
@@ -429,7 +482,7 @@ def test_a_full_disk_during_the_staging_restore_stops_nothing_and_leaves_no_part
         msg = error_of(state)
         assert not state.is_completed() and "restore-staging@etcd2" in msg and "no space left" in msg.lower(), msg
         left = subprocess.run(ns + ["ls", "-A", work], capture_output=True, text=True, check=True).stdout.split()
-        assert left == ["snapshot.db"], left  # the partial staging.tmp is gone at once
+        assert left == ["snapshot.db", "staging.lock"], left  # the partial staging.tmp is gone at once
         assert lab3.etcd_pid("etcd2") == etcd2 and all(r["etcd_process"] for r in lab3.status()
                                                         if r["member"] != "etcd1")  # nothing stopped
     finally:
