@@ -102,7 +102,8 @@ if [ "$rc" != 0 ]; then
   [ "$rc" = 124 ] && echo "the restore was still running after ${bound}s and was stopped" >&2
   exit "$rc"
 fi
-mv "$wd/staging.tmp" "$wd/staging" && echo staged
+# -T: onto an empty staging dir left by a hand, not into it
+mv -T "$wd/staging.tmp" "$wd/staging" && echo staged
 """
 
 
