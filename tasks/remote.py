@@ -344,12 +344,16 @@ class SSHConnector:
             chan.exec_command(line)
             if first or stdin:
                 chan.sendall(first + (stdin or b""))
-            chan.shutdown_write()
+            _send_eof(chan)
             err = bytearray()
             deadline = time.monotonic() + timeout
             pulse = _pulse(chan.get_transport())
             heard = time.monotonic()
             while True:
+                # Read `closed` before the rest: the transport thread may take EOF, exit status
+                # and close between two checks, and a close read last would then look like a
+                # drop (seen in CI: a quick `env` failed as "channel closed" on a busy machine).
+                closed = chan.closed
                 if chan.recv_ready():
                     heard = time.monotonic()
                     data = chan.recv(1 << 20)
@@ -364,7 +368,7 @@ class SSHConnector:
                     # behind the channel window (seen under load: a tar stream cut short, silently).
                     if not chan.recv_ready() and not chan.recv_stderr_ready():
                         break
-                elif chan.closed:
+                elif closed:
                     # Closed with no EOF: the connection dropped, even if an exit status of 0 came
                     # first, and output may be missing (seen: `echo` answered 0 with no output).
                     raise EOFError("channel closed before the command's output ended")
@@ -406,14 +410,15 @@ class SSHConnector:
                         chan.sendall(first)
                     while chunk := f.read(1 << 20):
                         chan.sendall(chunk)
-                    chan.shutdown_write()
+                    _send_eof(chan)
                 except (paramiko.SSHException, OSError, EOFError):
                     # The command may have ended early (no such dir, disk full): say why it did.
                     if not chan.status_event.wait(5):
                         raise
                 deadline = time.monotonic() + self._ssh.connect_timeout + 60  # the rename is quick
                 while not chan.status_event.wait(0.5):
-                    if chan.closed or time.monotonic() > deadline:
+                    # The status may land between the wait and the check: look once more.
+                    if (chan.closed and not chan.status_event.is_set()) or time.monotonic() > deadline:
                         raise EOFError("no exit status")
                 code = _exit_code(chan)
                 err = b""
@@ -497,6 +502,20 @@ def _pulse(transport: paramiko.Transport) -> _Pulse:
         for key in [k for k, p in _pulses.items() if not p.transport.is_active()]:
             del _pulses[key]
         return _pulses.setdefault(id(transport), _Pulse(transport))
+
+
+def _send_eof(chan: paramiko.Channel) -> None:
+    """`chan.shutdown_write()` without its race. paramiko builds the EOF under the channel's lock
+    but sends it after; when the command has just ended, the CLOSE that paramiko's own thread
+    sends in reply to sshd's can go out first, and OpenSSH then drops the whole connection, with
+    every command on it ("ieof packet referred to nonexistent channel"; paramiko/paramiko#1705,
+    measured here: about one connection in 400 quick commands on a busy machine). Sending while
+    holding the lock keeps EOF before CLOSE. (The lock is held across a send that waits out a key
+    exchange; paramiko bounds that wait, 30 s, and then fails the command as a lost connection.)"""
+    with chan.lock:
+        m = chan._send_eof()  # None once an EOF went out, the one our CLOSE sends included
+        if m is not None and chan.transport is not None:
+            chan.transport._send_user_message(m)
 
 
 def _exit_code(chan: paramiko.Channel) -> int:
