@@ -46,6 +46,17 @@ class StarVaultCredentials(Block):
     ca_cert: str | None = Field(None, description="PEM of the CA that signed StarVault's certificate")
 
 
+class BackupSigningKey(Block):
+    """The Ed25519 key the backup flow signs each set's manifest with (`ssh-keygen -t ed25519`).
+    Its public key goes into the inventory's backup_signers, for the readers."""
+
+    _block_type_name = "Nova Backup Signing Key"
+    _block_type_slug = "nova-backup-signing-key"
+
+    private_key: SecretStr = Field(description="the OpenSSH private key text (-----BEGIN OPENSSH PRIVATE KEY-----)")
+    passphrase: SecretStr | None = Field(None, description="its passphrase, if it has one")
+
+
 class AgeIdentity(Block):
     """The age identities (private keys) that open encrypted backup sets: one per line, as
     `age-keygen` writes them. Several lines while keys are rotated: any of them may open a file."""

@@ -8,7 +8,10 @@ import typer
 
 app = typer.Typer(help="Backup sets in a store (a directory or s3://bucket/prefix).", no_args_is_help=True)
 StoreOpt = typer.Option(..., "--store", help="a directory (NFS mount) or s3://bucket/prefix")
-InvOpt = typer.Option(None, "--inventory", help="judge completeness against this inventory's masters")
+InvOpt = typer.Option(None, "--inventory", help="judge completeness against this inventory's masters, and "
+                                                "trust the sets its backup_signers signed")
+UnsignedOpt = typer.Option(False, "--allow-unsigned", help="accept a set that no trusted key signed (or one with no "
+                                                           "manifest); without it, such a set is refused")
 
 
 def _fail(err: Exception) -> None:
@@ -22,6 +25,14 @@ def _names(inventory: str | None) -> list[str] | None:
     from blocks.inventory import resolve_inventory
 
     return [m.archive_name for m in resolve_inventory(inventory).masters]
+
+
+def _signers(inventory: str | None) -> list[str]:
+    if not inventory:
+        return []
+    from blocks.inventory import resolve_inventory
+
+    return resolve_inventory(inventory).backup_signers
 
 
 def _age(dt: datetime) -> str:
@@ -40,15 +51,20 @@ def list_(store: str = StoreOpt, inventory: str = InvOpt, s3_block: str = typer.
     try:
         st = open_store(store, s3_block)
         sets, orphans = read_sets(st.list())
-        names = _names(inventory)
+        names, signers = _names(inventory), _signers(inventory)
         typer.echo(f"{'set':18} {'nova':7} {'k8s':8} {'complete':34} {'manifest':18} {'encrypted':9} {'size':>10} "
                    f"{'age':>7}")
         for s in sets:
-            manifest = read_manifest(st, s)
+            try:
+                opened, bad = read_manifest(st, s, signers), False
+            except NovaDRError:  # one planted manifest must not hide the other sets
+                opened, bad = None, True
+            manifest = opened.doc if opened else None
             starvault = (manifest or {}).get("settings", {}).get("INCLUDE_STARVAULT_DB_BACKUP", True)
             missing = s.missing(set_masters(s, manifest, names), starvault)
             state = "yes" if not missing else "missing " + ", ".join(missing)
-            verified = "yes (sha256 listed)" if manifest else "none: unverified"
+            verified = ("INVALID" if bad else "none: origin unknown" if opened is None else "signed, trusted" if opened.signer
+                        else "UNSIGNED" if "unsigned" in opened.problem else "NOT TRUSTED")
             secret = [f for f in [*s.nodes.values(), s.starvault] if f]
             sealed = sum(f.endswith(".age") for f in secret)
             enc = "yes" if secret and sealed == len(secret) else ("NO" if not sealed else "partly")
@@ -66,8 +82,8 @@ def list_(store: str = StoreOpt, inventory: str = InvOpt, s3_block: str = typer.
 def fetch(store: str = StoreOpt, backup: str = typer.Option("latest", "--backup", help="latest or a set's timestamp"),
           to: str = typer.Option(..., "--to", help="folder to download into"), inventory: str = InvOpt,
           s3_block: str = typer.Option(None, "--s3-block"),
-          identity_block: str = typer.Option(None, "--identity-block", help="Age Identity block, for encrypted sets")
-          ) -> None:
+          identity_block: str = typer.Option(None, "--identity-block", help="Age Identity block, for encrypted sets"),
+          allow_unsigned: bool = UnsignedOpt) -> None:
     """Download one set and check it (sha256s against its manifest; every archive read to its end)."""
     from core.errors import NovaDRError
     from core.sets import read_sets
@@ -78,22 +94,23 @@ def fetch(store: str = StoreOpt, backup: str = typer.Option("latest", "--backup"
         st = open_store(store, s3_block)
         sets, _ = read_sets(st.list())
         names = _names(inventory)
-        from core.sets import choose_set
+        from core.sets import choose_set, dated_ahead
 
         if backup == "latest" and names is None:
-            chosen = sets[0] if sets else choose_set(sets, backup, [], False)
+            ahead = dated_ahead(sets, datetime.now(timezone.utc))  # never `latest`: see core.sets
+            chosen = next((s for s in sets if s not in ahead), None) or choose_set(sets, backup, [], False)
         else:
             chosen = choose_set(sets, backup, names or [], False)
-        report = fetch_set(st, chosen, to, identity_block=identity_block)
+        report = fetch_set(st, chosen, to, identity_block=identity_block, trusted=_signers(inventory),
+                           allow_unsigned=allow_unsigned)
     except NovaDRError as err:
         _fail(err)
     for name in report["files"]:
         typer.echo(f"  {to}/{name}")
     if report["problems"]:
         _fail(NovaDRError(f"set {report['set']}: " + "; ".join(report["problems"])))
-    typer.echo(f"set {report['set']}: " + ("verified against its manifest" if report["verified"]
-                                            else "no manifest (made by the platform's daemon): archives read to "
-                                                 "their end, unverified"))
+    typer.echo(f"set {report['set']}: {report['origin']}; " + (
+        "every file verified against its manifest" if report["verified"] else "archives read to their end, unverified"))
 
 
 @app.command()
@@ -102,17 +119,22 @@ def rekey(store: str = StoreOpt,
           identity_block: str = typer.Option(..., "--identity-block",
                                              help="Age Identity block that opens the sets now"),
           backup: str = typer.Option("all", "--backup", help="all, or one set's timestamp"),
-          s3_block: str = typer.Option(None, "--s3-block")) -> None:
+          s3_block: str = typer.Option(None, "--s3-block"), inventory: str = InvOpt,
+          signing_block: str = typer.Option(None, "--signing-block",
+                                            help="Signing Key block, to sign the rewritten manifests"),
+          allow_unsigned: bool = UnsignedOpt) -> None:
     """Re-encrypt stored sets to new recipients. Each set's new files are made and checked
     before any old file is replaced; keep the old identity until this has finished."""
     from core.errors import NovaDRError
-    from tasks.crypto import identities_from_block, recipients_from
+    from tasks.crypto import identities_from_block, recipients_from, signing_key_from_block
     from tasks.rekey import rekey_store
     from tasks.storage import open_store
 
     try:
         recipients = recipients_from(to)
-        done = rekey_store(open_store(store, s3_block), identities_from_block(identity_block), recipients, backup)
+        signer = signing_key_from_block(signing_block) if signing_block else None
+        done = rekey_store(open_store(store, s3_block), identities_from_block(identity_block), recipients, backup,
+                           signer, _signers(inventory), allow_unsigned)
     except NovaDRError as err:
         _fail(err)
     for ts, files in done.items():

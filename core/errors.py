@@ -75,4 +75,5 @@ class LockLost(ClusterBusy):
 
 
 class UnsafeArchive(NovaDRError):
-    """An archive member would land outside the extraction directory."""
+    """An archive member would land outside the extraction directory, or the archive unpacks
+    to more than any backup holds."""

@@ -154,6 +154,11 @@ class Cluster(_Strict):
     unseal_threshold: int = Field(3, ge=1, description="unseal shares needed (3 of 5 by default)")
     backup_recipients: list[str] = Field(default_factory=list, description="age X25519 public keys (age1...) the "
                                          "backups are encrypted to; empty: stored unencrypted (warned every time)")
+    backup_signers: list[str] = Field(default_factory=list, description="Ed25519 public keys (ssh-ed25519 AAAA..., "
+                                      "one `.pub` line each) whose signed sets readers trust; any other set is "
+                                      "refused unless allow_unsigned=true")
+    backup_signing_block: str | None = Field(None, description="the Nova Backup Signing Key block the backup flow "
+                                             "signs each set with; none: sets are unsigned (warned every time)")
     ssh: SSHSettings
     masters: list[Master]
 
@@ -169,6 +174,18 @@ class Cluster(_Strict):
         if not m:
             raise ValueError(f"{v!r} is not a version x.y.Z; write e.g. 6.0.1 or v6.0.1")
         return ".".join(m.groups())
+
+    @field_validator("backup_signers")
+    @classmethod
+    def _signers(cls, v: list[str]) -> list[str]:
+        from core.signing import public_key
+
+        for t in v:
+            try:
+                public_key(t)
+            except Exception as err:  # NovaDRError: shown as the field's message
+                raise ValueError(str(err)) from None
+        return v
 
     @field_validator("masters")
     @classmethod

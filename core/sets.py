@@ -98,17 +98,39 @@ def read_sets(files: list[StoredFile], window: timedelta = WINDOW) -> tuple[list
     return sorted(sets.values(), key=lambda s: s.ts, reverse=True), orphans
 
 
-def choose_set(sets: list[BackupSet], which: str, archive_names: list[str], require_starvault: bool) -> BackupSet:
-    """`latest` is the newest complete set; otherwise the set with that timestamp."""
+FUTURE = timedelta(minutes=5)  # clocks of masters and orchestrator may disagree by this much
+
+
+def dated_ahead(sets: list[BackupSet], now: datetime) -> list[BackupSet]:
+    """Sets stamped later than now: a wrong clock, or a set planted to become `latest` (and,
+    once, to switch retention off). Never `latest`, never expired, always named."""
+    return [s for s in sets if s.time > now + FUTURE]
+
+
+def ahead_note(sets: list[BackupSet], now: datetime) -> str:
+    ahead = dated_ahead(sets, now)
+    if not ahead:
+        return ""
+    return ("left aside, dated in the future by this machine's clock (UTC): " + ", ".join(
+        f"{s.ts} ({(s.time - now).total_seconds() / 3600:.1f}h ahead)" for s in ahead[:5])
+        + " (a clock is wrong, or someone planted them)")
+
+
+def choose_set(sets: list[BackupSet], which: str, archive_names: list[str], require_starvault: bool,
+               now: datetime | None = None) -> BackupSet:
+    """`latest` is the newest complete set up to now; otherwise the set with that timestamp."""
     from core.errors import NovaDRError
 
     if which == "latest":
+        now = now or datetime.now(timezone.utc)
+        ahead = dated_ahead(sets, now)
         for s in sets:
-            if s.complete(archive_names, require_starvault):
+            if s not in ahead and s.complete(archive_names, require_starvault):
                 return s
         raise NovaDRError("no complete backup set in the store (" + (
-            "; ".join(f"{s.ts}: missing {', '.join(s.missing(archive_names, require_starvault))}" for s in sets[:3])
-            or "it holds no etcd snapshot") + ")")
+            "; ".join(f"{s.ts}: missing {', '.join(s.missing(archive_names, require_starvault))}" for s in sets[:3]
+                      if s not in ahead) or "it holds no etcd snapshot dated up to now") + ")"
+            + (f"; {ahead_note(sets, now)}" if ahead else ""))
     for s in sets:
         if s.ts == which:
             return s
@@ -131,15 +153,16 @@ def expired(sets: list[BackupSet], now: datetime, days: int, archive_names: list
             require_starvault: bool) -> tuple[list[str], str]:
     """Files to delete under RETENTION_PERIOD_DAYS, and why anything was kept.
 
-    Never the newest complete set (however old), never anything when the newest set lies in
-    the future (a clock is wrong), never a file that is not one of ours (only set members)."""
+    Never the newest complete set up to now (however old), never a set dated in the future
+    (left aside and named: a planted one must not switch retention off, nor a wrong clock
+    make a real one go), never a file that is not one of ours (only set members)."""
     if not sets:
         return [], "no sets"
-    if sets[0].time > now + timedelta(minutes=5):
-        return [], f"newest set {sets[0].ts} is in the future: clocks disagree, nothing deleted"
-    newest_complete = next((s for s in sets if s.complete(archive_names, require_starvault)), None)
+    ahead = dated_ahead(sets, now)
+    note = f"; {ahead_note(sets, now)}" if ahead else ""
+    newest_complete = next((s for s in sets if s not in ahead and s.complete(archive_names, require_starvault)), None)
     if newest_complete is None:
-        return [], "no complete set: nothing deleted"
+        return [], "no complete set: nothing deleted" + note
     cutoff = now - timedelta(days=days)
-    doomed = [f for s in sets if s is not newest_complete and s.time < cutoff for f in s.files]
-    return doomed, f"kept the newest complete set {newest_complete.ts}"
+    doomed = [f for s in sets if s is not newest_complete and s not in ahead and s.time < cutoff for f in s.files]
+    return doomed, f"kept the newest complete set {newest_complete.ts}" + note

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import tarfile
 from zlib import error as zlib_error
@@ -13,7 +12,7 @@ from isal.igzip_lib import IsalError
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from core.errors import SnapshotError, UnsafeArchive
+from core.errors import NovaDRError, SnapshotError, UnsafeArchive
 from core.names import parse_name
 
 HASH_LEN = 32  # `snapshot save` appends sha256(db) to the bolt file
@@ -74,15 +73,46 @@ def check_link(m: tarfile.TarInfo) -> None:
             raise UnsafeArchive(f"archive member {m.name!r} links to {m.linkname!r}, outside the folder; refusing")
 
 
-def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
-    """Extract a tar(.gz), refusing absolute paths, `..`, links that point out, devices."""
+# What the orchestrator will unpack from one archive read back from a store. etcd's database
+# is at most 8 GiB (its largest quota); a master's archive holds hundreds of files. Beyond
+# these, an archive is a bomb (a gzip of zeros, a tar of a million members), not a backup.
+MAX_UNPACKED_BYTES = 16 << 30
+MAX_MEMBERS = 100_000
+
+
+class _Bound:
+    def __init__(self, label: str, max_bytes: int, max_members: int):
+        self.label, self.max_bytes, self.max_members = label, max_bytes, max_members
+        self.bytes = self.members = 0
+
+    def add(self, nbytes: int = 0, members: int = 0) -> None:
+        self.bytes += nbytes
+        self.members += members
+        if self.bytes > self.max_bytes:
+            raise UnsafeArchive(f"{self.label}: unpacks to more than {self.max_bytes >> 20} MiB; refusing the archive "
+                                "(no backup of a master is that large: a gzip bomb?)")
+        if self.members > self.max_members:
+            raise UnsafeArchive(f"{self.label}: holds more than {self.max_members} members; refusing the archive "
+                                "(no backup of a master has that many)")
+
+
+def safe_extract(archive: str | Path, dest: str | Path, max_bytes: int = MAX_UNPACKED_BYTES,
+                 max_members: int = MAX_MEMBERS) -> list[Path]:
+    """Extract a tar(.gz), refusing absolute paths, `..`, links that point out, devices, and
+    more bytes or members than any backup holds (checked from the headers, before a byte is
+    written)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     out = []
+    bound = _Bound(Path(archive).name, max_bytes, max_members)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            # `tar cf - -C dir .` starts with the folder itself ("./"): nothing to extract
-            members = [m for m in tar.getmembers() if not (m.isdir() and m.name.strip("/") in (".", ""))]
+            members = []
+            for m in tar:  # not getmembers(): a million members must not all be read first
+                bound.add(m.size if m.isfile() else 0, 1)
+                # `tar cf - -C dir .` starts with the folder itself ("./"): nothing to extract
+                if not (m.isdir() and m.name.strip("/") in (".", "")):
+                    members.append(m)
             for m in members:
                 check_member_path(m.name)
                 check_link(m)
@@ -113,10 +143,12 @@ class SnapshotCheck:
 
 def find_manifest_entry(path: Path) -> dict | None:
     """The entry for `path` in a nova-dr manifest lying next to it, if any."""
+    from core.signing import manifest_doc
+
     for mf in sorted(path.parent.glob("nova-dr-manifest_*.json")):
-        try:
-            files = json.loads(mf.read_text()).get("files", {})
-        except (OSError, ValueError):
+        try:  # integrity only: the operator chose this file; trust in a store's set is checked on fetch
+            files = manifest_doc(mf.read_bytes(), mf.name).get("files", {})
+        except (OSError, NovaDRError):
             continue
         if path.name in files:
             return files[path.name]
@@ -169,18 +201,22 @@ def prepare_snapshot(source: str | Path, workdir: str | Path, nova_version: str,
                          manifest_checked=entry is not None, warnings=warnings)
 
 
-def scan_archive(path: str | Path) -> list[str]:
+def scan_archive(path: str | Path, max_bytes: int = MAX_UNPACKED_BYTES, max_members: int = MAX_MEMBERS) -> list[str]:
     """Read a gzip tar to its end (a truncated or corrupt one fails) and check every member's
-    path, without extracting anything. Returns the member names."""
+    path, without extracting anything, within the same bounds as safe_extract. Returns the
+    member names."""
     names = []
+    bound = _Bound(Path(path).name, max_bytes, max_members)
     try:
         # The whole gzip stream first: tarfile stops at the end-of-archive blocks and never
         # reaches gzip's CRC, so a flipped bit in the data would pass unseen.
         with igzip.open(path, "rb") as gz:
-            while gz.read(1 << 20):
-                pass
+            while chunk := gz.read(1 << 20):
+                bound.add(len(chunk))
+        bound.bytes = 0
         with tarfile.open(path, "r:gz") as tar:
             for m in tar:
+                bound.add(0, 1)
                 check_member_path(m.name)
                 check_link(m)
                 if m.isfile():

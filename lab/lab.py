@@ -204,13 +204,14 @@ class Lab:
 
     # -- up --------------------------------------------------------------------------
     def up(self, masters: int = 3, net: int = 0, sudo_password: bool = False, jump_host: bool = False,
-           real_hosts: bool = True, s3_endpoint: str | None = None) -> str:
+           real_hosts: bool = True, s3_endpoint: str | None = None, signer: tuple[str, str] | None = None) -> str:
         """Masters answer SSH as `nova` only (root login refused), with root through sudo:
         NOPASSWD, or asking for a password (`sudo_password`, kept in DIR/sudo-password).
         `jump_host`: the inventory reaches them through a bastion on 127.0.NET.10.
         `real_hosts`: each master a host of its own (lab/hosts.py), on 198.18.NET.x; False:
         the older lab of sshds on 127.0.NET.x with a `systemctl` script.
-        `s3_endpoint`: use that S3 server instead of starting one (the tests share one)."""
+        `s3_endpoint`: use that S3 server instead of starting one (the tests share one).
+        `signer`: (a Nova Backup Signing Key block's name, its public key line) for the inventory."""
         if masters not in (1, 3, 5, 7):
             raise LabError(f"--masters {masters}: a lab has 1, 3, 5 or 7 masters")
         if not 0 <= net <= 254:
@@ -282,7 +283,7 @@ class Lab:
         if jump:
             st["bastion"] = asdict(jump)
         self.state_file.write_text(json.dumps(st, indent=1))
-        self._write_inventory(lms)
+        self._write_inventory(lms, signer)
         self._write_env(st)
         try:
             self._start_members(lms + ([jump] if jump else []), st["s3"]["endpoint"])
@@ -536,10 +537,11 @@ class Lab:
         self._s3_ports = p.ports
         return p.pid, url
 
-    def _write_inventory(self, lms: list[LabMaster]) -> None:
+    def _write_inventory(self, lms: list[LabMaster], signer: tuple[str, str] | None = None) -> None:
         inv = {
             "name": f"lab{self.state().get('net', 0)}", "nova_version": NOVA_VERSION, "k8s_version": f"v{K8S_VERSION}",
             "etcd_token": "k8s_etcd", "unseal_threshold": 3,
+            **({"backup_signing_block": signer[0], "backup_signers": [signer[1]]} if signer else {}),
             "ssh": {"private_key_file": "ssh/id_ed25519", "known_hosts_file": "known_hosts", "become": "sudo",
                     **({"jump_host": {"address": self.state()["bastion"]["address"]}} if self.state().get("bastion")
                        else {}),

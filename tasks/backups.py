@@ -3,32 +3,30 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 from core.errors import NovaDRError
+from core.signing import Opened, accept, matches_set, open_manifest
 from core.sets import BackupSet, choose_set, read_sets
 from core.snapshot import scan_archive, sha256_file
 from tasks.storage import BackupStore
 
 
-def read_manifest(store: BackupStore, s: BackupSet) -> dict | None:
+def read_manifest(store: BackupStore, s: BackupSet, trusted: list[str] | None = None) -> Opened | None:
+    """The set's manifest, parsed and its signature checked against `trusted` (None: no manifest)."""
     if not s.manifest:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         store.get(s.manifest, Path(tmp) / s.manifest)
-        try:
-            return json.loads((Path(tmp) / s.manifest).read_text())
-        except ValueError:
-            raise NovaDRError(f"{s.manifest}: not valid JSON; the set {s.ts} cannot be verified") from None
+        return open_manifest((Path(tmp) / s.manifest).read_bytes(), s.manifest, trusted or [])
 
 
 def set_masters(s: BackupSet, manifest: dict | None, inventory_names: list[str] | None) -> list[str]:
     """Whose archives a complete set must hold: the inventory's masters, else the manifest's."""
     if inventory_names:
         return inventory_names
-    return list((manifest or {}).get("masters") or s.nodes)
+    return list((manifest or {}).get("masters") or s.nodes)  # check_doc made it a list of names
 
 
 def find_set(store: BackupStore, which: str, archive_names: list[str], require_starvault: bool) -> BackupSet:
@@ -37,23 +35,38 @@ def find_set(store: BackupStore, which: str, archive_names: list[str], require_s
 
 
 def fetch_set(store: BackupStore, s: BackupSet, dest: str | Path, names: list[str] | None = None,
-              identity_block: str | None = None) -> dict:
-    """Download a set's files (or the named ones) into `dest` and check them: every sha256
-    against the manifest when there is one (of the ciphertext as stored, then of the plaintext
-    once decrypted); every gzip tar read to its end either way. `files` are the plain names."""
+              identity_block: str | None = None, trusted: list[str] | None = None,
+              allow_unsigned: bool = False) -> dict:
+    """Download a set's files (or the named ones) into `dest` and check them. First the
+    manifest: a set that no trusted key signed is refused before anything else is read, unless
+    allow_unsigned. Then every sha256 against the manifest when there is one (of the ciphertext
+    as stored, then of the plaintext once decrypted); every gzip tar read to its end either way.
+    `files` are the plain names."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    opened = None
+    try:
+        if s.manifest:
+            store.get(s.manifest, dest / s.manifest)
+            opened = open_manifest((dest / s.manifest).read_bytes(), s.manifest, trusted or [])
+        warning = accept(s.ts, store.url, opened, allow_unsigned)
+    except NovaDRError:
+        if s.manifest:  # nothing of a refused set stays behind
+            (dest / s.manifest).unlink(missing_ok=True)
+        raise
+    manifest = opened.doc if opened else None
+    problems = matches_set(manifest, s.ts, s.nova_version, s.manifest) if manifest else []
     wanted = names or s.files
-    for name in sorted(set(wanted) | ({s.manifest} if s.manifest else set())):
+    for name in sorted(set(wanted) - {s.manifest}):
         store.get(name, dest / name)
-    manifest = json.loads((dest / s.manifest).read_text()) if s.manifest else None
-    problems = check_files(wanted, dest, manifest)
+    problems += check_files(wanted, dest, manifest)
     plain = wanted
     if not problems:
         plain = decrypt_files(wanted, dest, identity_block)
         problems = check_files([n for n in plain if n not in wanted], dest, manifest)
     return {"set": s.ts, "files": plain, "verified": manifest is not None and not problems, "problems": problems,
-            "manifest": manifest, "encrypted": [n for n in wanted if n.endswith(".age")]}
+            "manifest": manifest, "encrypted": [n for n in wanted if n.endswith(".age")],
+            "origin": warning or f"signed by {opened.signer}", "signed_by": opened.signer if opened else None}
 
 
 def decrypt_files(names: list[str], folder: Path, identity_block: str | None) -> list[str]:

@@ -183,3 +183,18 @@ class EncryptingStore:
         size, sha = self.inner.put(name + ".age", encrypted_writer(write, self.recipients, info), mode)
         self.stored[name] = {"name": name + ".age", **info}
         return size, sha
+
+
+def signing_key_from_block(name: str):
+    """The Ed25519 key of a Nova Backup Signing Key block. The secret is unwrapped only here."""
+    from blocks.storage import BackupSigningKey
+    from core.signing import private_key
+
+    try:
+        block = BackupSigningKey.load(name)
+    except ValueError:
+        raise NovaDRError(f"backup_signing_block {name!r}: no such Nova Backup Signing Key block; save one with "
+                          "the private key of `ssh-keygen -t ed25519`, or remove backup_signing_block") from None
+    return private_key(block.private_key.get_secret_value(),
+                       block.passphrase.get_secret_value() if block.passphrase else None,
+                       f"backup_signing_block {name!r}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from core.errors import NovaDRError
 from core.sets import BackupSet, read_sets
 from core.snapshot import sha256_file
+from core.signing import accept, public_line, sign
 from tasks.backups import read_manifest
 from tasks.crypto import Encrypting
 
@@ -62,14 +63,23 @@ def _put_file(store, name: str, path: Path) -> str:
     return store.put(name, write, mode=0o600)[1]
 
 
-def _put_manifest(store, name: str, doc: dict) -> None:
+def _put_manifest(store, name: str, doc: dict, signer) -> None:
     body = json.dumps(doc, indent=1, sort_keys=True).encode()
+    if signer is not None:
+        body = sign(body, signer)
     store.put(name, lambda out: out.write(body), mode=0o600)
 
 
-def rekey_set(store, s: BackupSet, identities: list, recipients: list) -> list[str]:
-    """Re-key one set; returns the files re-keyed."""
-    manifest = read_manifest(store, s)
+def rekey_set(store, s: BackupSet, identities: list, recipients: list, signer=None, trusted: list[str] | None = None,
+              allow_unsigned: bool = False) -> list[str]:
+    """Re-key one set; returns the files re-keyed. Its manifest is rewritten, so it must be one a
+    trusted key signed (re-signing it would launder a planted one), and it is signed again."""
+    opened = read_manifest(store, s, [*(trusted or []), *([public_line(signer)] if signer else [])])
+    accept(s.ts, store.url, opened, allow_unsigned)
+    if opened and opened.signer and signer is None:
+        raise NovaDRError(f"set {s.ts}: its manifest is signed; pass --signing-block so that the rewritten one is "
+                          "signed too. Nothing was changed")
+    manifest = opened.doc if opened else None
     files = (manifest or {}).get("files", {})
     with tempfile.TemporaryDirectory(prefix="nova-dr-rekey-") as tmp:
         work = Path(tmp)
@@ -93,7 +103,7 @@ def rekey_set(store, s: BackupSet, identities: list, recipients: list) -> list[s
             for name, (_, sha) in staged.items():
                 files[name]["previous_sha256"] = files[name]["sha256"]
                 files[name]["sha256"] = sha
-            _put_manifest(store, s.manifest, manifest)
+            _put_manifest(store, s.manifest, manifest, signer)
         for name, (path, sha) in staged.items():  # 3. one atomic replacement per file, checked
             if _put_file(store, name, path) != sha:
                 raise NovaDRError(f"set {s.ts}: {name} was not stored intact; run rekey again")
@@ -103,13 +113,14 @@ def rekey_set(store, s: BackupSet, identities: list, recipients: list) -> list[s
                 files[name]["size"] = staged[name][0].stat().st_size
             manifest["encrypted_to"] = len(recipients)
             manifest["rekeyed"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            _put_manifest(store, s.manifest, manifest)
+            _put_manifest(store, s.manifest, manifest, signer)
     return sorted(staged)
 
 
-def rekey_store(store, identities: list, recipients: list, which: str = "all") -> dict[str, list[str]]:
+def rekey_store(store, identities: list, recipients: list, which: str = "all", signer=None,
+                trusted: list[str] | None = None, allow_unsigned: bool = False) -> dict[str, list[str]]:
     sets, _ = read_sets(store.list())
     chosen = [s for s in sets if which in ("all", s.ts)]
     if not chosen:
         raise NovaDRError(f"no backup set {which!r} in {store.url}")
-    return {s.ts: rekey_set(store, s, identities, recipients) for s in chosen}
+    return {s.ts: rekey_set(store, s, identities, recipients, signer, trusted, allow_unsigned) for s in chosen}

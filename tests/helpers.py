@@ -45,8 +45,25 @@ def make_lab(masters: int, sudo_password: bool = False, bastion: bool = False, r
     net = next(_nets)
     lab = Lab(ROOT / f"lab-{net}")
     lab.up(masters=masters, net=net, sudo_password=sudo_password, jump_host=bastion,
-           real_hosts=REAL_HOSTS if real_hosts is None else real_hosts, s3_endpoint=shared_s3())
+           real_hosts=REAL_HOSTS if real_hosts is None else real_hosts, s3_endpoint=shared_s3(), signer=signer())
     return lab
+
+
+SIGNING_BLOCK = "nova-dr-test-signing"
+_signer: list[tuple[str, str]] = []
+
+
+def signer() -> tuple[str, str]:
+    """The session's backup signing key: saved once as a block; every lab's inventory trusts it."""
+    if not _signer:
+        from blocks.storage import BackupSigningKey
+
+        key = ROOT / "signing" / "id_ed25519"
+        key.parent.mkdir(mode=0o700)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nova-dr-tests", "-f", str(key)], check=True)
+        BackupSigningKey(private_key=key.read_text()).save(SIGNING_BLOCK, overwrite=True)
+        _signer.append((SIGNING_BLOCK, Path(f"{key}.pub").read_text().strip()))
+    return _signer[0]
 
 
 def put_keys(lab: Lab, prefix: str, n: int) -> None:

@@ -6,7 +6,6 @@ No StarVault runs here: a small HTTP server in this file speaks its raft snapsho
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import tarfile
@@ -24,7 +23,8 @@ from flows.restore import restore_etcd_cluster
 from lab.lab import etcd_bin_dir
 from tasks.remote import connect
 from tasks.storage import open_store
-from tests.helpers import keys_on, make_bucket, put_keys
+from core.signing import open_manifest
+from tests.helpers import keys_on, make_bucket, put_keys, signer
 from tests.test_restore import assert_restored, error_of
 
 RAFT = os.urandom(300_000)
@@ -87,7 +87,9 @@ def _check_set(lab, folder: Path, result: dict) -> None:
     expected = {f"etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_{ts}.db.tar.gz", f"starvault_snapshot_nova-v6.0.1_{ts}.db",
                 f"nova-dr-manifest_{ts}.json"} | {f"{m.archive_name}_kubereresources_{ts}.tar.gz" for m in cluster.masters}
     assert {p.name for p in folder.iterdir()} == expected
-    manifest = json.loads((folder / f"nova-dr-manifest_{ts}.json").read_text())
+    opened = open_manifest((folder / f"nova-dr-manifest_{ts}.json").read_bytes(), "m", [signer()[1]])
+    assert opened.signer, opened.problem  # signed, by the key the inventory trusts
+    manifest = opened.doc
     assert set(manifest["files"]) == expected - {f"nova-dr-manifest_{ts}.json"}
     for name, entry in manifest["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == entry["sha256"]
@@ -172,7 +174,7 @@ def test_s3_round_trip_restores_the_cluster(lab3, lab_s3, starvault, tmp_path):
     got = tmp_path / "got"
     (tmp_path / "x").mkdir()
     names = [m.archive_name for m in lab3.cluster().masters]
-    report = fetch_set(st, find_set(st, "latest", names, True), got)
+    report = fetch_set(st, find_set(st, "latest", names, True), got, trusted=lab3.cluster().backup_signers)
     assert report["set"] == ts and report["verified"] and not report["problems"]
     _check_set(lab3, got, state.result())
     put_keys(lab3, "/later/k", 20)

@@ -87,9 +87,11 @@ def test_backups_list_and_fetch_a_daemon_style_set(tmp_path):
     out = subprocess.run([CLI, "backups", "list", "--store", str(store)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     row = out.stdout.splitlines()[1]
-    assert row.startswith("2026-11-20_040000") and " yes " in row and "none: unverified" in row
-    got = subprocess.run([CLI, "backups", "fetch", "--store", str(store), "--backup", "latest", "--to",
-                          str(tmp_path / "got")], capture_output=True, text=True, cwd=REPO)
+    assert row.startswith("2026-11-20_040000") and " yes " in row and "none: origin unknown" in row
+    fetch = [CLI, "backups", "fetch", "--store", str(store), "--backup", "latest", "--to", str(tmp_path / "got")]
+    got = subprocess.run(fetch, capture_output=True, text=True, cwd=REPO)
+    assert got.returncode == 1 and "origin is not verified" in got.stderr and "Traceback" not in got.stderr
+    got = subprocess.run(fetch + ["--allow-unsigned"], capture_output=True, text=True, cwd=REPO)
     assert got.returncode == 0, got.stderr
     assert "unverified" in got.stdout and sorted(p.name for p in (tmp_path / "got").iterdir()) == sorted(
         p.name for p in store.iterdir() if p.name != "notes.txt")

@@ -18,7 +18,7 @@ from core.facts import ClusterFacts, MasterFacts, parse_probe
 from core.inventory import parse_inventory
 from core.names import parse_name
 from core.restore_plan import build_restore_plan
-from core.snapshot import db_digest, prepare_snapshot, safe_extract
+from core.snapshot import db_digest, prepare_snapshot, safe_extract, scan_archive
 
 CAP = Path(__file__).parent / "captured"
 
@@ -154,6 +154,40 @@ def test_safe_extract_refuses_escapes(tmp_path, members, link):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
 
 
+def test_a_gzip_bomb_is_refused_before_it_is_unpacked(tmp_path):
+    """64 MiB of zeros in a 64 KiB gzip, against a bound of 16 MiB (the real bound, 16 GiB, is
+    the same code with a larger number: too slow to build here)."""
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as t:
+        info = tarfile.TarInfo("opt/backup/x.db")
+        info.size = 64 << 20
+        t.addfile(info, io.BytesIO(bytes(info.size)))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(UnsafeArchive, match="bomb.tar.gz: unpacks to more than 16 MiB"):
+        scan_archive(bomb, max_bytes=16 << 20)
+    with pytest.raises(UnsafeArchive, match="unpacks to more than 16 MiB"):
+        safe_extract(bomb, tmp_path / "out", max_bytes=16 << 20)
+    assert not any((tmp_path / "out").iterdir())  # refused from the headers: nothing written
+    scan_archive(bomb)  # within the real bound it is only a large file
+
+
+def test_a_tar_of_more_members_than_any_backup_is_refused(tmp_path):
+    """MAX_MEMBERS + 1 empty files: what a restore's first step (prepare_snapshot) does with it."""
+    from core.snapshot import MAX_MEMBERS
+
+    many = tmp_path / "etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2026-01-01_040000.db.tar.gz"
+    with tarfile.open(many, "w:gz", compresslevel=1) as t:
+        info = tarfile.TarInfo("f")
+        for i in range(MAX_MEMBERS + 1):
+            info.name = f"d/{i}"
+            t.addfile(info)
+    with pytest.raises(UnsafeArchive, match=f"holds more than {MAX_MEMBERS} members"):
+        prepare_snapshot(many, tmp_path / "w", "6.0.1")
+    assert not (tmp_path / "w" / "unpacked").exists() or not any((tmp_path / "w" / "unpacked").iterdir())
+    with pytest.raises(UnsafeArchive, match="members"):
+        scan_archive(many)
+
+
 def test_prepare_snapshot_checks(tmp_path):
     db = fake_snapshot(tmp_path / "etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2026-01-01_040000.db")
     arch = _tar(tmp_path / (db.name + ".tar.gz"), {f"opt/backup/{db.name}": db.read_bytes()})
@@ -165,7 +199,7 @@ def test_prepare_snapshot_checks(tmp_path):
     plain = fake_snapshot(tmp_path / "snapshot.db")
     assert "carries no Nova version" in prepare_snapshot(plain, tmp_path / "w4", "6.0.1").warnings[0]
     (tmp_path / "nova-dr-manifest_2026-01-01_040000.json").write_text(
-        '{"files": {"snapshot.db": {"sha256": "00", "size": 1}}}')
+        '{"files": {"snapshot.db": {"sha256": "' + '0' * 64 + '", "size": 1}}}')
     with pytest.raises(SnapshotError, match="sha256 differs from its manifest"):
         prepare_snapshot(plain, tmp_path / "w5", "6.0.1")
     with pytest.raises(SnapshotError, match="no such file on this machine"):

@@ -19,7 +19,7 @@ from blocks.storage import AgeIdentity
 from flows.backup import backup_master_nodes
 from flows.restore import restore_etcd_cluster
 from flows.verify import verify_backups
-from tests.helpers import ROOT, keys_on, put_keys
+from tests.helpers import ROOT, keys_on, put_keys, signer
 from tests.test_backup import starvault  # noqa: F401  (the fixture)
 from tests.test_restore import assert_restored, error_of, fingerprint
 
@@ -115,8 +115,12 @@ def test_wrong_identity_flipped_byte_and_rekey(lab3, starvault, tmp_path):  # no
     # re-key to a new recipient with the CLI: the old identity no longer opens the set, the new one does
     new_pub, new_key = keypair("age-new")
     cli = Path(sys.executable).parent / "nova-dr"
-    p = subprocess.run([str(cli), "backups", "rekey", "--store", str(store), "--to", new_pub,
-                        "--identity-block", "age-old"], capture_output=True, text=True, timeout=300)
+    rekey = [str(cli), "backups", "rekey", "--store", str(store), "--to", new_pub, "--identity-block", "age-old",
+             "--inventory", inv]
+    p = subprocess.run(rekey, capture_output=True, text=True, timeout=300)  # a signed set, no key to re-sign it
+    assert p.returncode == 1 and "pass --signing-block" in p.stderr and age_decrypt(
+        next(store.glob("*_kubereresources_*.tar.gz.age")), key).returncode == 0, p.stderr
+    p = subprocess.run(rekey + ["--signing-block", signer()[0]], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "5 file(s) re-keyed to 1 recipient(s)" in p.stdout
     node = next(store.glob("*_kubereresources_*.tar.gz.age"))
@@ -124,8 +128,10 @@ def test_wrong_identity_flipped_byte_and_rekey(lab3, starvault, tmp_path):  # no
     state = verify_backups(inventory=inv, store=str(store), identity_block="age-old", return_state=True)
     assert "cannot decrypt" in error_of(state)
     p = subprocess.run([str(cli), "backups", "fetch", "--store", str(store), "--to", str(tmp_path / "got"),
-                        "--identity-block", "age-new"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and "verified against its manifest" in p.stdout, p.stderr
+                        "--identity-block", "age-new", "--inventory", inv], capture_output=True, text=True, timeout=300)
+    # the rewritten manifest is signed again
+    assert p.returncode == 0 and "signed by SHA256:" in p.stdout and "verified against its manifest" in p.stdout, \
+        p.stderr
     assert not list((tmp_path / "got").glob("*.age"))
 
     # one flipped byte in a ciphertext is caught (against the manifest, and by age's own authentication)

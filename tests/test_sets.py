@@ -82,10 +82,21 @@ def test_retention_keeps_an_old_newest_complete_set_and_ignores_incomplete_newer
     assert "2024-03-02_040000" in why
 
 
-def test_retention_does_nothing_when_the_newest_set_is_in_the_future():
-    sets, _ = read_sets(files(ours("2024-03-01_040000") + ours("2030-01-01_040000")))
-    assert expired(sets, NOW, 7, NODES, True) == ([], "newest set 2030-01-01_040000 is in the future: clocks "
-                                                      "disagree, nothing deleted")
+def test_a_set_dated_in_the_future_is_never_latest_never_expired_and_named():
+    """Planted (or from a wrong clock), it once switched retention off for good, and became
+    `latest` for every reader. Now it is left aside, named; retention goes on without it."""
+    names = ours("2024-03-01_040000") + ours("2024-03-19_040000") + ours("2030-01-01_040000")
+    sets, _ = read_sets(files(names))
+    doomed, why = expired(sets, NOW, 7, NODES, True)
+    assert set(doomed) == set(ours("2024-03-01_040000"))  # the 12-day-old set goes, as without it
+    assert "kept the newest complete set 2024-03-19_040000" in why
+    assert "dated in the future by this machine's clock (UTC): 2030-01-01_040000 (" in why and "planted" in why
+    assert choose_set(sets, "latest", NODES, True, NOW).ts == "2024-03-19_040000"
+    assert choose_set(sets, "2030-01-01_040000", NODES, True, NOW).ts == "2030-01-01_040000"  # by name: yes
+    only_ahead, _ = read_sets(files(ours("2030-01-01_040000")))
+    with pytest.raises(NovaDRError, match="no complete backup set.*2030-01-01_040000 .*h ahead"):
+        choose_set(only_ahead, "latest", NODES, True, NOW)
+    assert expired(only_ahead, NOW, 7, NODES, True)[0] == []
 
 
 def test_a_clock_running_ahead_does_not_expire_sets_early():
@@ -123,7 +134,10 @@ def test_a_set_from_the_future_is_not_fresh():
 
     sets, _ = read_sets(files(ours("2024-03-21_040000")))  # 23 h after NOW
     c = check_freshness(sets, NODES, True, 26, NOW)
-    assert c.status == "fail" and "23.0h in the future by this machine's clock" in c.evidence, c
+    assert c.status == "fail" and "2024-03-21_040000 (23.0h ahead)" in c.evidence, c
     sets, _ = read_sets(files(ours("2024-03-19_040000")))
     c = check_freshness(sets, NODES, True, 26, NOW)
     assert c.status == "pass" and "25.0h old by this machine's clock (UTC" in c.evidence, c
+    sets, _ = read_sets(files(ours("2024-03-19_040000") + ours("2024-03-21_040000")))  # one planted beside it
+    c = check_freshness(sets, NODES, True, 26, NOW)
+    assert c.status == "warn" and "2024-03-19_040000 is 25.0h old" in c.evidence and "23.0h ahead" in c.evidence
