@@ -205,16 +205,36 @@ def set_env_var(text: str, key: str, value: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# etcdctl takes a user and password from ETCDCTL_USER ("name[:password]") and ETCDCTL_PASSWORD.
+# On a command line they would show in every local user's `ps` on the master, and in our own
+# error messages: they reach the remote shell on stdin instead, one `NAME=value` line each.
+SECRET_VARS = ("ETCDCTL_USER", "ETCDCTL_PASSWORD")
+_FROM_STDIN = ('n=$1; shift; while [ "$n" -gt 0 ]; do IFS= read -r kv || exit 70; '
+               'export "${kv%%=*}=${kv#*=}"; n=$((n - 1)); done; exec "$@"')
+
+
 def etcdctl_env(env: dict[str, str], endpoints: list[str] | None = None) -> list[str]:
-    """The `env K=V ...` prefix that gives etcdctl the master's own ETCDCTL_* settings.
+    """The `env K=V ...` prefix that gives etcdctl the master's own ETCDCTL_* settings, the
+    secret ones left out (see etcdctl_command).
 
     To aim at chosen members the variable is overridden, never combined with --endpoints:
     etcdctl refuses a flag that shadows an exported variable."""
-    ctl = {k: v for k, v in env.items() if k.startswith("ETCDCTL_")}
+    ctl = {k: v for k, v in env.items() if k.startswith("ETCDCTL_") and k not in SECRET_VARS}
     ctl.setdefault("ETCDCTL_API", "3")
     if endpoints is not None:
         ctl["ETCDCTL_ENDPOINTS"] = ",".join(endpoints)
     return ["env"] + [f"{k}={v}" for k, v in sorted(ctl.items())]
+
+
+def etcdctl_command(env: dict[str, str], endpoints: list[str] | None = None) -> tuple[list[str], bytes]:
+    """The prefix to run etcdctl with the master's ETCDCTL_* settings, and what goes on stdin:
+    the secret ones, which a small shell exports before it execs the rest."""
+    prefix = etcdctl_env(env, endpoints)
+    secrets = [(k, env[k]) for k in SECRET_VARS if env.get(k)]
+    if not secrets:
+        return prefix, b""
+    return (["sh", "-c", _FROM_STDIN, "nova-dr-etcdctl", str(len(secrets)), *prefix],
+            "".join(f"{k}={v}\n" for k, v in secrets).encode())
 
 
 # -- snapshot restore --------------------------------------------------------------------

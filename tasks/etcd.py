@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from core.errors import NovaDRError
-from core.etcd import (EndpointStatus, HashKV, MemberInfo, SnapshotStatus, etcdctl_env, parse_count_fields,
+from core.etcd import (EndpointStatus, HashKV, MemberInfo, SnapshotStatus, etcdctl_command, parse_count_fields,
                        parse_endpoint_health, parse_endpoint_status, parse_env_file, parse_hashkv,
                        parse_member_list, parse_snapshot_status, restore_argv, supports_bump_revision,
                        work_timeout)
@@ -28,7 +28,8 @@ def etcdctl(conn: Connector, master: Master, env: dict[str, str], *args: str, ow
             endpoints: list[str] | None = None, check: bool = True, timeout: float = 30):
     """Run etcdctl on `master`. `own=True` aims at this member alone (serializable reads, snapshots)."""
     eps = [master.client_url] if own else endpoints
-    return conn.run([*etcdctl_env(env, eps), master.paths.etcdctl, *args], check=check, timeout=timeout)
+    prefix, secrets = etcdctl_command(env, eps)
+    return conn.run([*prefix, master.paths.etcdctl, *args], check=check, timeout=timeout, stdin=secrets or None)
 
 
 def check_endpoint_health(conn: Connector, master: Master, env: dict[str, str]) -> bool:
