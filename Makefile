@@ -19,6 +19,8 @@ sys-deps:
 	@command -v age >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq age; }
 	@# nftables: `lab net` drops packets inside a real-host master's network namespace
 	@command -v nft >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables; }
+	@# iproute2: the lab's namespaces and links (ip, tc), and `ss` for the drill's listening sockets
+	@{ command -v ip >/dev/null && command -v ss >/dev/null; } || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; }
 	@$(PY) -m venv --help >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; }
 	@mkdir -p /run/sshd
 

@@ -66,13 +66,18 @@ def scratch_etcd(snapshot_db: str, bins: Path, bump_revision: int = 0) -> Iterat
         out = etcd.restore_snapshot(conn, cluster.masters[0], cluster, snapshot_db, str(tmp / "data"), bump_revision,
                                     os.path.getsize(snapshot_db))
         log = open(tmp / "etcd.log", "wb")
+        # The scratch etcd serves the whole snapshot, every Secret included, with no auth: it
+        # listens on unix sockets in its own 0700 dir (etcd names them relative to its cwd),
+        # never on a TCP port that any local user could reach. The peer URL in the restored
+        # member stays the TCP one above; a one-member cluster never dials it.
         proc = subprocess.Popen([str(bins / "etcd"), "--name", "drill", "--data-dir", str(tmp / "data"),
-                                 "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                                 "--listen-client-urls", f"http://127.0.0.1:{client}",
-                                 "--advertise-client-urls", f"http://127.0.0.1:{client}"],
-                                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                                 "--listen-peer-urls", "unix://peer.sock:0",
+                                 "--listen-client-urls", "unix://client.sock:0",
+                                 "--advertise-client-urls", "unix://client.sock:0"],
+                                cwd=tmp, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={k: v for k, v in os.environ.items() if not k.startswith("ETCD")})
-        env = {"ETCDCTL_API": "3", "ETCDCTL_ENDPOINTS": f"http://127.0.0.1:{client}"}
+        endpoint = f"unix://{tmp}/client.sock:0"
+        env = {"ETCDCTL_API": "3", "ETCDCTL_ENDPOINTS": endpoint}
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
@@ -85,7 +90,7 @@ def scratch_etcd(snapshot_db: str, bins: Path, bump_revision: int = 0) -> Iterat
             if time.monotonic() > deadline:
                 raise NovaDRError("the scratch etcd did not answer within 30s")
             time.sleep(0.2)
-        yield {"endpoint": f"http://127.0.0.1:{client}", "bumped": out["bumped"], "env": env, "bins": bins,
+        yield {"endpoint": endpoint, "bumped": out["bumped"], "env": env, "bins": bins,
                "status": parse_endpoint_status(res.stdout)[0]}
     finally:
         if proc is not None and proc.poll() is None:

@@ -227,3 +227,28 @@ def test_a_drop_of_more_than_half_against_the_previous_drill_warns(case, tmp_pat
     checks = {c["name"]: c for c in state.result()["checks"]}
     assert checks["drill key counts"]["status"] == "warn"  # ...of an emptied cluster
     assert "30 keys under /registry/, the previous drill 150" in checks["drill key counts"]["evidence"]
+
+
+def test_the_drill_serves_the_snapshot_on_a_private_socket_only(base, tmp_path):
+    """The scratch etcd holds every Secret of the cluster, with no auth: no TCP port of it may
+    answer any local user; its unix sockets sit in a 0700 dir."""
+    from core.snapshot import prepare_snapshot
+    from tasks.drill import find_etcd_bins, registry_keys, scratch_etcd
+
+    _, store, _ = base
+    snap = prepare_snapshot(etcd_archive(store), tmp_path / "w", "6.0.1")
+    with scratch_etcd(snap.db_path, find_etcd_bins(None)) as drill:
+        sock_dir = Path(drill["endpoint"].removeprefix("unix://")).parent
+        assert (sock_dir.stat().st_mode & 0o777) == 0o700
+        etcd_pids = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _cwd(p) == sock_dir]
+        assert etcd_pids, "the scratch etcd was not found"
+        listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+        assert not [ln for ln in listening.splitlines() if any(f"pid={pid}," in ln for pid in etcd_pids)], listening
+        assert any(k.startswith("/registry/pods/") for k in registry_keys(drill))  # and it does serve
+
+
+def _cwd(p: Path) -> Path | None:
+    try:
+        return Path(os.readlink(p / "cwd"))
+    except OSError:
+        return None
