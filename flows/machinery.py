@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.flow_runs import FlowPauseTimeout, pause_flow_run
 from prefect.input import RunInput
+from prefect.serializers import JSONSerializer
 from pydantic import Field
 
 from core.errors import AuthError, ConnectError, NotApproved, NovaDRError, PlanChanged, PreflightError
@@ -40,10 +41,26 @@ from tasks.remote import Connector, connect
 
 
 def state_dir() -> Path:
-    """Checkpoints and finished-recovery records. NOVA_DR_HOME, default ~/.nova-dr."""
+    """Checkpoints and finished-recovery records. NOVA_DR_HOME, default ~/.nova-dr. Mode 0700:
+    whoever could write a checkpoint could make a re-run skip a step, and Prefect reads a
+    result file with whatever serializer the file itself names (pickle included)."""
     d = Path(os.environ.get("NOVA_DR_HOME", "~/.nova-dr")).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if d.stat().st_uid == os.geteuid() and d.stat().st_mode & 0o077:
+        d.chmod(0o700)  # made by an older nova-dr, 0755
     return d
+
+
+def checkpoint_encoder(obj):
+    """JSON for checkpoints: a step's result is plain data. An error (Prefect persists a failed
+    step's exception too) is kept as its type only: its message holds remote argv and output."""
+    if isinstance(obj, BaseException):
+        return {"error": type(obj).__name__}
+    raise TypeError(f"{type(obj).__name__} is not plain data")
+
+
+# Not pickle: a checkpoint never holds code, and what is written is what a person can read.
+CHECKPOINTS = JSONSerializer(object_encoder="flows.machinery.checkpoint_encoder", object_decoder=None)
 
 
 # -- recovery ids ----------------------------------------------------------------------
@@ -299,7 +316,7 @@ def _retry_only_transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_only_transient,
-      cache_key_fn=_checkpoint_key, persist_result=True)
+      cache_key_fn=_checkpoint_key, persist_result=True, result_serializer=CHECKPOINTS)
 def run_step(run: Run, step: Step, actions: dict, upstream: dict) -> dict:
     if run.lock is not None:
         run.lock.ensure_held()  # a run that lost the cluster to another recovery changes nothing more
@@ -349,7 +366,7 @@ def with_resume_notes(run: Run, plan: Plan, facts: ClusterFacts) -> Plan:
 def execute_plan(run: Run, plan: Plan, actions: dict[str, Action]) -> dict[str, dict]:
     """Submit every step with its dependencies; Prefect runs what is ready in parallel."""
     storage = state_dir() / "checkpoints"
-    storage.mkdir(parents=True, exist_ok=True)
+    storage.mkdir(mode=0o700, exist_ok=True)
     futures = {}
     for s in plan.steps:
         runner = run_step.with_options(task_run_name=s.id, result_storage=storage,

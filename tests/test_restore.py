@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -485,6 +486,7 @@ def test_a_full_disk_during_the_staging_restore_stops_nothing_and_leaves_no_part
         assert left == ["snapshot.db", "staging.lock"], left  # the partial staging.tmp is gone at once
         assert lab3.etcd_pid("etcd2") == etcd2 and all(r["etcd_process"] for r in lab3.status()
                                                         if r["member"] != "etcd1")  # nothing stopped
+        _checkpoints_hold_plain_data_only("no space left")
     finally:
         subprocess.run(ns + ["umount", work], check=True)
     # With room again, a plain re-run finishes.
@@ -492,6 +494,20 @@ def test_a_full_disk_during_the_staging_restore_stops_nothing_and_leaves_no_part
                                  return_state=True)
     assert state.is_completed(), error_of(state)
     assert_restored(lab3, expected)
+
+
+def _checkpoints_hold_plain_data_only(error_text: str) -> None:
+    """What a run leaves in NOVA_DR_HOME: a 0700 dir; JSON, never pickle (a checkpoint read back
+    must not be able to run code); a failed step's error by its type, not its message (remote
+    argv and output)."""
+    home = machinery.state_dir()
+    assert (home.stat().st_mode & 0o777) == 0o700 and ((home / "checkpoints").stat().st_mode & 0o777) == 0o700
+    files = list((home / "checkpoints").iterdir())
+    assert files
+    for f in files:
+        doc = json.loads(f.read_text())
+        assert doc["metadata"]["serializer"]["type"] == "json", f
+        assert error_text not in f.read_text().lower(), f
 
 
 def test_a_member_that_does_not_start_after_the_swap_is_named_with_its_journal(lab3, tmp_path, clean_listeners):
