@@ -4,7 +4,9 @@ operators do, so that restore-etcd-cluster can take that directory as its `store
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,9 +46,28 @@ def prepare_target(to: str) -> Path:
     return dest
 
 
+def not_regular(d: Path) -> list[str]:
+    """What in a restored folder is neither a regular file nor a directory (symlinks above all),
+    without following any link: what a repository or a pod gives back is not trusted."""
+    out = []
+    for root, dirs, files in os.walk(d):  # followlinks=False: a link to a dir is listed, not entered
+        for n in dirs + files:
+            p = Path(root) / n
+            st = p.lstat()
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                out.append(f"{p.relative_to(d)}" + (f" -> {os.readlink(p)}" if p.is_symlink() else ""))
+    return out
+
+
 def gather(dest: Path, parts: dict[str, Path]) -> dict[str, str]:
     """Move the top-level files of each part into dest, after checking that no two parts hold
-    the same name. Returns file -> where it came from."""
+    the same name, and that no part holds a link or a device: `chmod` (below) and the readers
+    after us would follow a link out of the folder (a symlink to /etc/passwd made 0600).
+    Returns file -> where it came from."""
+    odd = [f"{o}: {x}" for o, d in parts.items() for x in not_regular(d)]
+    if odd:
+        raise NovaDRError("a source gave back links or special files, which no backup holds; nothing was merged: "
+                          + "; ".join(odd[:5]))
     names = {origin: sorted(p.name for p in d.iterdir() if p.is_file()) for origin, d in parts.items()}
     clash = cf.flat_collisions(names)
     if clash:

@@ -242,10 +242,35 @@ def _reject_at_timeout(flow_run_id, timeout_minutes: float) -> None:
         get_logger("nova_dr.gate").warning("answering the gate at its timeout failed: %s", err)
 
 
+# A deployment with this tag lets its runs skip the gate (a drill on a scratch cluster, say).
+ALLOW_AUTO_APPROVE = "nova-dr-allow-auto-approve"
+
+
+def refuse_unattended_from_api() -> None:
+    """auto_approve=true is a parameter like any other: whoever reaches the Prefect API could
+    start an unattended full restore through a deployment. A run of a deployment may skip the
+    gate only when that deployment was made to allow it; a run started in this process (`nova-dr
+    run`, a script, a test) was started by someone at this machine."""
+    ctx = FlowRunContext.get()
+    dep_id = ctx.flow_run.deployment_id if ctx and ctx.flow_run else None
+    if dep_id is None:
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment(dep_id)
+    if ALLOW_AUTO_APPROVE not in (dep.tags or []):
+        raise NotApproved(f"auto_approve=true is refused for a run of deployment {dep.name!r}: a caller of the Prefect "
+                          "API must not start an unattended recovery. Approve it at its gate (UI, `nova-dr approve`, "
+                          f"or the REST API), or give a drill deployment the tag {ALLOW_AUTO_APPROVE}. Nothing was "
+                          "changed")
+
+
 def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float) -> dict:
     """Pause until someone approves. Returns who and why. Raises NotApproved otherwise."""
     log = get_run_logger()
     if auto_approve:
+        refuse_unattended_from_api()
         log.warning("auto_approve=true: the plan runs without asking anyone")
         return {"approved_by": "auto_approve", "reason": "auto_approve parameter"}
     if not GATE_LISTENERS and not api_is_shared():

@@ -63,7 +63,7 @@ def api(method: str, path: str, **kw):
             break
         time.sleep(1)
     r.raise_for_status()
-    return r.json()
+    return r.json() if r.content else None  # PATCH answers 204, no body
 
 
 def state_of(run_id: str) -> str:
@@ -144,3 +144,26 @@ def test_two_recoveries_of_one_cluster_never_overlap(served, lab3, tmp_path):
     a, b = _task_window(str(first.id)), _task_window(str(second.id))
     assert a[1] <= b[0] or b[1] <= a[0], f"task windows overlap: {a} {b}"
     assert_restored(lab3, expected)
+
+
+def test_an_api_caller_cannot_start_an_unattended_recovery(served, lab3):
+    """auto_approve=true through a deployment is refused at the gate, nothing changed; a
+    deployment tagged for drills allows it."""
+    dep = curl(f"{API}/deployments/name/restart-etcd-member/on-demand")
+    body = {"parameters": {"inventory": str(lab3.dir / "inventory.yaml"), "member": "etcd2", "force": True,
+                           "auto_approve": True}}
+    pid = lab3.etcd_pid("etcd2")
+    run = curl("-X", "POST", f"{API}/deployments/{dep['id']}/create_flow_run", "-H", "Content-Type: application/json",
+               "-d", json.dumps(body))
+    wait_state(run["id"], {"FAILED"}, 180)
+    message = api("GET", f"/flow_runs/{run['id']}")["state"]["message"]
+    assert "auto_approve=true is refused for a run of deployment 'on-demand'" in message, message
+    assert lab3.etcd_pid("etcd2") == pid
+    api("PATCH", f"/deployments/{dep['id']}", json={"tags": [*dep["tags"], "nova-dr-allow-auto-approve"]})
+    try:
+        run = curl("-X", "POST", f"{API}/deployments/{dep['id']}/create_flow_run", "-H",
+                   "Content-Type: application/json", "-d", json.dumps(body))
+        wait_state(run["id"], {"COMPLETED"}, 240)
+        assert lab3.etcd_pid("etcd2") not in (0, pid)  # restarted, unattended, as the drill deployment allows
+    finally:
+        api("PATCH", f"/deployments/{dep['id']}", json={"tags": dep["tags"]})

@@ -312,3 +312,23 @@ def test_real_kopia_binary_is_new_enough():
 
     out = subprocess.run(["kopia", "snapshot", "list", "--help"], capture_output=True, text=True)
     assert "--all" in out.stdout + out.stderr and "--json" in out.stdout + out.stderr
+
+
+def test_a_link_in_what_a_source_gave_back_is_refused_and_nothing_outside_changes(tmp_path):
+    """A Kopia repository (or a pod) can hold a symlink: merged and `chmod`ed, it would have
+    set a file outside the folder (here a stand-in for /etc/passwd) to 0600."""
+    from core.errors import NovaDRError
+    from flows.files import gather
+
+    outside = tmp_path / "passwd"
+    outside.write_text("root:x:0:0::/root:/bin/sh\n")
+    outside.chmod(0o644)
+    part = tmp_path / "source-0"
+    part.mkdir()
+    (part / "nova-master-1-nova-internal_kubereresources_2026-01-01_040000.tar.gz").write_bytes(b"x")
+    (part / "etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2026-01-01_040000.db.tar.gz").symlink_to(outside)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(NovaDRError, match="links or special files.*etcd_snapshot_.* -> .*passwd"):
+        gather(dest, {"master-1": part})
+    assert (outside.stat().st_mode & 0o777) == 0o644 and not any(dest.iterdir())
