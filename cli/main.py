@@ -9,6 +9,10 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+from cli.server_secrets import client_auth_from_file  # noqa: E402
+
+client_auth_from_file()
+
 import typer  # noqa: E402
 
 from cli import backups_cmd, lab_cmd, lock_cmd, run_cmd, serve_cmd  # noqa: E402

@@ -31,19 +31,34 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 120)
 
 def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local server listens (loopback by default)"),
           port: int = typer.Option(4200, "--port"),
-          limit: int = typer.Option(4, "--limit", help="flow runs at once on this machine")) -> None:
+          limit: int = typer.Option(4, "--limit", help="flow runs at once on this machine"),
+          no_auth: bool = typer.Option(False, "--no-auth", help="a local server without an API auth string "
+                                                                  "(loopback only)")) -> None:
     """Serve every nova-dr deployment (schedules, UI- and API-started runs)."""
+    from cli.server_secrets import server_env
+
     server = None
     if not os.environ.get("PREFECT_API_URL"):
+        loopback = host in ("127.0.0.1", "localhost", "::1")
+        if no_auth and not loopback:
+            typer.secho(f"error: --no-auth with --host {host}: the API returns every block's secrets (the SSH key, "
+                        "S3 keys, the StarVault token) to whoever reaches it; drop --no-auth, or bind to 127.0.0.1",
+                        fg="red", err=True)
+            raise typer.Exit(1)
         url = f"http://{host}:{port}/api"
         typer.echo(f"PREFECT_API_URL is not set: starting a local Prefect server on {host}:{port} (SQLite in "
                    f"{os.environ.get('PREFECT_HOME', '~/.prefect')}). UI: http://{host}:{port}")
-        if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
-            typer.secho("warning: the server's API has no auth and returns block secrets; set "
-                        "PREFECT_SERVER_API_AUTH_STRING before binding beyond loopback", fg="yellow", err=True)
+        env, said = server_env()
+        if no_auth:
+            env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
+            said = [s for s in said if not s.startswith("API auth")]
+        for line in said:
+            typer.echo(line)
         server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host,
-                                   "--port", str(port)], start_new_session=True)
+                                   "--port", str(port)], start_new_session=True, env={**os.environ, **env})
         os.environ["PREFECT_API_URL"] = url
+        if env.get("PREFECT_SERVER_API_AUTH_STRING"):  # this process's client and the runs it starts
+            os.environ["PREFECT_API_AUTH_STRING"] = env["PREFECT_SERVER_API_AUTH_STRING"]
         _wait_healthy(url, server)
     from prefect import serve as prefect_serve
 

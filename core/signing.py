@@ -121,7 +121,10 @@ def open_manifest(data: bytes, name: str, trusted: list[str]) -> Opened:
     if not isinstance(doc, dict):
         raise NovaDRError(f"{name}: its signed document is not a JSON object")
     doc = check_doc(doc, name)
-    key = public_key(signer)
+    try:
+        key = public_key(signer)
+    except NovaDRError:
+        raise NovaDRError(f"{name}: its signer is not an Ed25519 public key; the manifest is refused") from None
     shown = fingerprint(key)
     if _raw(key) not in {_raw(public_key(t)) for t in trusted}:
         return Opened(doc, None, f"its manifest is signed by {shown}, which is not one of the inventory's "

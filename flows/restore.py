@@ -7,7 +7,6 @@ an approval gate, then a DAG of idempotent steps with checkpoints keyed on the r
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from flows.machinery import Run
 from flows.lock import cluster_lock
 from tasks import datadir, etcd, service
 from tasks.backups import fetch_set, find_set
+from tasks.scratch import scratch_dir
 from tasks.storage import open_store
 
 FLOW_NAME = "restore-etcd-cluster"
@@ -300,7 +300,7 @@ def restore_etcd_cluster(
             one with no manifest (the platform's daemon's); the plan shows it as a warning
     """
     log = get_run_logger()
-    with tempfile.TemporaryDirectory(prefix="nova-dr-snap-", dir=mc.state_dir()) as tmp:
+    with scratch_dir("nova-dr-snap-", mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp,
                       store, backup, s3_block, identity_block, allow_unsigned)
         run.data["healthy_timeout"] = healthy_timeout_seconds
@@ -367,7 +367,7 @@ def plan_restore(inventory: str, snapshot: str | None = None, recovery_id: str |
                  s3_block: str | None = None, identity_block: str | None = None, allow_unsigned: bool = False,
                  **_ignored) -> Plan:
     """`nova-dr plan restore-etcd-cluster`: preflight and plan, nothing touched."""
-    with tempfile.TemporaryDirectory(prefix="nova-dr-plan-", dir=mc.state_dir()) as tmp:
+    with scratch_dir("nova-dr-plan-", mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, int(bump_revision),
                       delete_old_data in (True, "true", "1", "yes"), tmp, store, backup, s3_block, identity_block,
                       allow_unsigned in (True, "true", "1", "yes"))

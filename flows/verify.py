@@ -5,7 +5,6 @@ failed check fails the run with one line naming the set and the check."""
 from __future__ import annotations
 
 import json
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,13 +20,14 @@ from core.sets import BackupSet, ahead_note, choose_set, dated_ahead, read_sets
 from core.settings import resolve_settings
 from core.snapshot import prepare_snapshot, safe_extract
 from core.verify import Check, compare_counts, count_tokens, expiring, registry_counts, summary_line
-from flows import machinery as mc
-from tasks.archive import PKI_LIST
 from core.names import plain_name
 from core.signing import accept, matches_set
+from flows import machinery as mc
+from tasks.archive import PKI_LIST
 from tasks.backups import check_files, decrypt_files, read_manifest
 from tasks.drill import find_etcd_bins, registry_keys, scratch_etcd
 from tasks.remote import LocalConnector
+from tasks.scratch import scratch_dir
 from tasks.storage import BackupStore, open_store
 
 FLOW_NAME = "verify-backups"
@@ -189,7 +189,7 @@ def verify_backups(
                                                 or (s.manifest and s.complete(names, False)))),
         next((s for s in sets if s not in ahead), sets[0]))
     checks: list[Check] = []
-    with tempfile.TemporaryDirectory(prefix="nova-dr-verify-") as tmp:
+    with scratch_dir("nova-dr-verify-") as tmp:
         folder = Path(tmp)
         opened = read_manifest(st, chosen, cluster.backup_signers)
         origin = check_origin(chosen, st.url, opened, allow_unsigned)

@@ -141,7 +141,10 @@ def decrypt_file(src: Path, dest: Path, identities: list, label: str) -> str:
         def flush(self):
             self.f.flush()
 
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:  # O_NOFOLLOW: never the plaintext written through a link planted at its name
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        raise NovaDRError(f"{label}: cannot create {dest} ({err.strerror}); nothing was changed") from None
     try:
         with open(src, "rb") as inp, os.fdopen(fd, "wb") as out:
             pyrage.decrypt_io(inp, _Hashing(out), identities)

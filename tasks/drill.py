@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from core.etcd import parse_endpoint_status
 from core.inventory import parse_inventory
 from tasks import etcd
 from tasks.remote import LocalConnector
+from tasks.scratch import make
 
 
 def find_etcd_bins(hint: str | None = None) -> Path:
@@ -50,7 +50,7 @@ def _port() -> int:
 @contextmanager
 def scratch_etcd(snapshot_db: str, bins: Path, bump_revision: int = 0) -> Iterator[dict]:
     """Yields {"endpoint", "bumped", "env"}; the process and the directory are gone afterwards."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"nova-dr-drill-{os.getpid()}-"))
+    tmp = Path(make("nova-dr-drill-"))
     peer, client = _port(), _port()
     # The drill is one master of a one-master cluster: the same restore code as a recovery.
     cluster = parse_inventory({

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from core.snapshot import sha256_file
 from core.signing import accept, public_line, sign
 from tasks.backups import read_manifest
 from tasks.crypto import Encrypting
+from tasks.scratch import scratch_dir
 
 
 def header_recipients(path: Path) -> int:
@@ -81,7 +81,7 @@ def rekey_set(store, s: BackupSet, identities: list, recipients: list, signer=No
                           "signed too. Nothing was changed")
     manifest = opened.doc if opened else None
     files = (manifest or {}).get("files", {})
-    with tempfile.TemporaryDirectory(prefix="nova-dr-rekey-") as tmp:
+    with scratch_dir("nova-dr-rekey-") as tmp:
         work = Path(tmp)
         staged: dict[str, tuple[Path, str]] = {}
         for name in s.encrypted:  # 1. stage and check every file; nothing in the store changes yet

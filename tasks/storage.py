@@ -6,6 +6,7 @@ fills a file-like object; nothing needs a full copy on the machine running the f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -60,8 +61,14 @@ class _Hashing:
 
 
 def _private(dest: str | Path) -> BinaryIO:
-    """A downloaded backup file may hold secrets: it is created 0600, never readable by others."""
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """A downloaded backup file may hold secrets: it is created 0600, never readable by others.
+    O_NOFOLLOW: a symlink planted at the name (in a shared folder) is refused, not written through."""
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise StoreError(f"{dest} is a symbolic link; refusing to write a backup file through it") from None
+        raise
     os.fchmod(fd, 0o600)
     return os.fdopen(fd, "wb")
 

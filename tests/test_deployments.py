@@ -167,3 +167,54 @@ def test_an_api_caller_cannot_start_an_unattended_recovery(served, lab3):
         assert lab3.etcd_pid("etcd2") not in (0, pid)  # restarted, unattended, as the drill deployment allows
     finally:
         api("PATCH", f"/deployments/{dep['id']}", json={"tags": dep["tags"]})
+
+
+def test_serve_secures_the_server_it_starts(tmp_path):
+    """With no PREFECT_API_URL, `nova-dr serve` starts its own server: with an API auth string
+    and a block encryption key it makes once (0600 files under PREFECT_HOME), not in the
+    database. A caller without the auth string reads no block."""
+    import sqlite3
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_SERVER_API"))}
+    env.update(PREFECT_HOME=str(home), NOVA_DR_HOME=str(tmp_path / "nova"))
+    refused = subprocess.run([CLI, "serve", "--no-auth", "--host", "0.0.0.0", "--port", str(port)], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "--no-auth with --host 0.0.0.0" in refused.stderr
+    log = open(tmp_path / "serve.log", "wb")
+    p = subprocess.Popen([CLI, "serve", "--port", str(port)], cwd="/", env=env, stdout=log, stderr=log,
+                         start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 150
+        while not (home / "nova-dr-api-auth").exists() or httpx.get(f"{url}/health").status_code != 200:
+            assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+            time.sleep(0.5)
+        auth = (home / "nova-dr-api-auth").read_text().strip()
+        for name in ("nova-dr-api-auth", "nova-dr-encryption-key"):
+            assert ((home / name).stat().st_mode & 0o777) == 0o600
+        assert httpx.post(f"{url}/block_documents/filter", json={}).status_code == 401
+        secret = "sv-token-" + os.urandom(6).hex()
+        save = subprocess.run([sys.executable, "-c", "import sys; from prefect.blocks.system import Secret; "
+                               "Secret(value=sys.argv[1]).save('t')", secret], capture_output=True, text=True,
+                              env={**env, "PREFECT_API_URL": url, "PREFECT_API_AUTH_STRING": auth}, timeout=120)
+        assert save.returncode == 0, save.stderr[-1500:]
+        db = sqlite3.connect(home / "prefect.db")
+        assert db.execute("select count(*) from configuration where key = 'ENCRYPTION_KEY'").fetchone() == (0,)
+        assert secret not in str(db.execute("select data from block_document").fetchall())
+        db.close()
+        # a `nova-dr` client on this machine finds the auth string by itself
+        out = subprocess.run([CLI, "approve", "00000000-0000-0000-0000-000000000000"], capture_output=True,
+                             text=True, env={**env, "PREFECT_API_URL": url}, timeout=120)
+        assert "401" not in out.stdout + out.stderr and "Unauthorized" not in out.stdout + out.stderr, out.stderr
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

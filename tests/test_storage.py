@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from core.errors import NovaDRError
 from tasks.storage import DirectoryStore, StoreError, open_store
 from tests.helpers import make_bucket, s3_env, shared_s3, start_s3
 
@@ -46,6 +47,22 @@ def test_large_file_goes_in_parts_and_round_trips(store, tmp_path):
     assert size == 40 << 20 and sha == hashlib.sha256(chunk * 40).hexdigest()
     store.get("big.db", tmp_path / "big")
     assert hashlib.sha256((tmp_path / "big").read_bytes()).hexdigest() == sha
+
+
+def test_a_symlink_planted_at_a_download_name_is_refused(store, tmp_path):
+    """Fetching into a folder others can write: a link at the file's name must not make us
+    write a backup (keys, tokens) through it to wherever it points."""
+    from tasks.crypto import decrypt_file
+
+    store.put("a.tar.gz", lambda out: out.write(b"secret bytes"))
+    target = tmp_path / "elsewhere"
+    target.write_text("keep me")
+    (tmp_path / "got").symlink_to(target)
+    with pytest.raises(StoreError, match="is a symbolic link; refusing"):
+        store.get("a.tar.gz", tmp_path / "got")
+    with pytest.raises(NovaDRError, match="cannot create"):
+        decrypt_file(tmp_path / "x.age", tmp_path / "got", [], "x.age")
+    assert target.read_text() == "keep me"
 
 
 def test_a_failed_writer_leaves_nothing(store):

@@ -252,3 +252,23 @@ def _cwd(p: Path) -> Path | None:
         return Path(os.readlink(p / "cwd"))
     except OSError:
         return None
+
+
+def test_plaintext_a_killed_verification_left_is_cleared_by_the_next(case):
+    """A kill leaves the scratch dir (keys, tokens, the db) behind; the next run removes it,
+    and never the dir of a process that still runs."""
+    lab, store, _ = case
+    p = subprocess.Popen(["true"])
+    p.wait()
+    dead = Path(tempfile.gettempdir()) / f"nova-dr-verify-{p.pid}-abc123"
+    live = Path(tempfile.gettempdir()) / "nova-dr-verify-1-abc123"  # pid 1 always runs
+    for d in (dead, live):
+        d.mkdir(mode=0o700)
+        (d / "unseal-tokens").write_text("token")
+    try:
+        state = run(lab, store)
+        assert state.is_completed(), error_of(state)
+        assert not dead.exists() and (live / "unseal-tokens").exists()
+    finally:
+        shutil.rmtree(live, ignore_errors=True)
+        shutil.rmtree(dead, ignore_errors=True)
