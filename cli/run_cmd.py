@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import socket
 import sys
 import threading
 import time
@@ -51,6 +52,7 @@ def _terminal_gate(run_id: str, plan) -> None:
                 time.sleep(0.2)
             client.resume_flow_run(UUID(run_id), run_input={
                 "approve": answer.strip() == "yes", "name": f"{name} (terminal)",
+                "via": f"the terminal of `nova-dr run` ({name}@{socket.gethostname()})",
                 "reason": "answered at the terminal" if answer.strip() == "yes" else f"answered {answer!r}"})
 
     threading.Thread(target=ask, daemon=True).start()
@@ -125,8 +127,9 @@ def approve(run_id: str, reject: bool = typer.Option(False, "--reject"),
         typer.secho(f"error: {run_id!r} is not a flow run id (a UUID, shown in the UI and the log)", fg="red", err=True)
         raise typer.Exit(2)
     with get_client(sync_client=True) as client:
-        result = client.resume_flow_run(rid, run_input={"approve": not reject, "name": getpass.getuser(),
-                                                        "reason": reason})
+        result = client.resume_flow_run(rid, run_input={
+            "approve": not reject, "name": getpass.getuser(), "reason": reason,
+            "via": f"`nova-dr approve` ({getpass.getuser()}@{socket.gethostname()})"})
     status = str(getattr(result.status, "value", result.status))
     if status.upper() != "ACCEPT":
         why = getattr(result.details, "reason", "") or "the run is not paused at a gate"

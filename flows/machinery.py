@@ -218,6 +218,13 @@ class Approval(RunInput):
     approve: bool = Field(False, description="Tick to run the plan shown above. Leave unticked to reject it.")
     name: str = Field("", description="Who decides (recorded in the report).")
     reason: str = Field("", description="Why (recorded in the report).")
+    via: str = Field("", description="Filled in by nova-dr's own tools (the terminal, `nova-dr approve`); leave it "
+                                     "empty")
+
+
+# Prefect's open-source server records no caller: an answer with no `via` came from its UI or
+# its REST API, under the name typed there.
+UI_OR_API = "the Prefect UI or REST API (Prefect records no caller: the name is as typed)"
 
 
 # In-process listeners: `nova-dr run` in a terminal answers the gate itself.
@@ -266,23 +273,47 @@ def refuse_unattended_from_api() -> None:
                           "changed")
 
 
-def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float) -> dict:
-    """Pause until someone approves. Returns who and why. Raises NotApproved otherwise."""
+def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float, approvals: int = 1) -> dict:
+    """Pause until someone approves (or `approvals` different people, one after another).
+    Returns who, why and through what. Raises NotApproved otherwise."""
     log = get_run_logger()
+    if auto_approve and approvals > 1:
+        raise NotApproved(f"approvals_required={approvals} asks for {approvals} different people; auto_approve cannot "
+                          "stand in for them. Nothing was changed")
     if auto_approve:
         refuse_unattended_from_api()
         log.warning("auto_approve=true: the plan runs without asking anyone")
-        return {"approved_by": "auto_approve", "reason": "auto_approve parameter"}
+        return {"approved_by": "auto_approve", "reason": "auto_approve parameter", "via": "auto_approve"}
     if not GATE_LISTENERS and not api_is_shared():
         raise NotApproved(
             "this run needs an approval and nobody can give it: no terminal and no shared Prefect server "
             "(PREFECT_API_URL). Run `nova-dr run` in a terminal, point PREFECT_API_URL at a server, or pass "
             "--auto-approve. Nothing was changed")
+    if not 1 <= approvals <= 3:
+        raise NovaDRError(f"approvals_required={approvals}: give 1, 2 or 3; nothing was changed")
+    answers: list = []
+    for i in range(approvals):
+        answer = _one_approval(plan, timeout_minutes, i, approvals)
+        if approvals > 1:
+            who = answer.name.strip().casefold()
+            if not who or who in {a.name.strip().casefold() for a in answers}:
+                raise NotApproved(f"approval {i + 1} of {approvals} came from {answer.name or 'no name'!r}, who is not "
+                                  f"a new person: this plan needs {approvals} different names; nothing was changed")
+        answers.append(answer)
+    who = " and ".join(a.name or "(no name)" for a in answers)
+    log.info("approved by %s: %s", who, "; ".join(a.reason or "(no reason)" for a in answers))
+    return {"approved_by": who, "reason": "; ".join(a.reason for a in answers if a.reason),
+            "via": "; ".join(a.via or UI_OR_API for a in answers)}
+
+
+def _one_approval(plan: Plan, timeout_minutes: float, i: int, of: int) -> Approval:
+    log = get_run_logger()
     ctx = FlowRunContext.get()
     for listener in GATE_LISTENERS:
         listener(str(ctx.flow_run.id), plan)
     form = Approval.with_initial_data(description=plan.markdown(), approve=False)
-    log.info("waiting for approval of flow run %s (UI, `nova-dr approve`, or the REST API)", ctx.flow_run.id)
+    log.info("waiting for approval%s of flow run %s (UI, `nova-dr approve`, or the REST API)",
+             f" {i + 1} of {of}" if of > 1 else "", ctx.flow_run.id)
     timeout = max(1, int(timeout_minutes * 60))
     # Once a pause has timed out, Prefect's server turns any state the run proposes into its own
     # "The flow was paused and never resumed." (measured, 3.9.1: our message was lost). So the
@@ -293,7 +324,7 @@ def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float) -> dic
     expiry.start()
     try:
         answer = pause_flow_run(wait_for_input=form, timeout=timeout + 120, poll_interval=2,
-                                key=f"approve-{plan.fingerprint()}")
+                                key=f"approve-{plan.fingerprint()}" + (f"-{i + 1}" if i else ""))
     except FlowPauseTimeout:
         raise NotApproved(f"no approval within {timeout_minutes:g} min; nothing was changed") from None
     finally:
@@ -303,8 +334,7 @@ def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float) -> dic
     if not answer.approve:
         raise NotApproved(f"plan rejected by {answer.name or 'someone'}"
                           f"{': ' + answer.reason if answer.reason else ''}; nothing was changed")
-    log.info("approved by %s: %s", answer.name or "(no name)", answer.reason or "(no reason)")
-    return {"approved_by": answer.name or "(no name)", "reason": answer.reason}
+    return answer
 
 
 def ensure_plan_unchanged(before: Plan, after: Plan) -> None:
@@ -426,7 +456,8 @@ def publish(key: str, markdown: str, description: str) -> None:
 
 
 def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: dict[str, Action],
-                 auto_approve: bool, approval_timeout_minutes: float) -> tuple[ClusterFacts, Plan, dict, dict]:
+                 auto_approve: bool, approval_timeout_minutes: float,
+                 approvals: int = 1) -> tuple[ClusterFacts, Plan, dict, dict]:
     """The shape every recovery shares: preflight -> plan -> gate -> re-check -> execute.
 
     `make_plan` refuses (raises) when the facts do not allow the procedure. Returns the facts
@@ -444,7 +475,7 @@ def run_recovery(run: Run, make_plan: Callable[[ClusterFacts], Plan], actions: d
         # An approval can take hours: no SSH connection is held open (and left to die behind
         # a firewall) meanwhile. The re-check after it connects again.
         run.close()
-    approval = approval_gate(plan, auto_approve, approval_timeout_minutes)
+    approval = approval_gate(plan, auto_approve, approval_timeout_minutes, approvals)
     if run.lock is not None:
         run.lock.ensure_held(now=True)  # a forced take-over during the wait is seen before any change
     if not auto_approve:

@@ -58,7 +58,8 @@ def _report(run: Run, plan: Plan, before: ClusterFacts, approval: dict, results:
                   if k.startswith("quarantine-data@")]
     md = "\n".join([
         f"# {plan.flow} on `{run.cluster.name}`: done in {seconds:.1f}s", "", plan.summary, "",
-        f"- recovery id: `{run.recovery_id}`", f"- approved by: {approval['approved_by']} ({approval.get('reason') or '-'})",
+        f"- recovery id: `{run.recovery_id}`", f"- approved by: {approval['approved_by']} ({approval.get('reason') or '-'}), "
+        f"through {approval.get('via', '?')}",
         "", "## Before", mc.facts_table(before), "", "## After", mc.render_table(cols, [[r[c] for c in cols] for r in rows]),
         "", "## Steps", mc.step_table(results, str(ctx.flow_run.id) if ctx else ""),
         *(["", "## Old data (quarantine)", *quarantine] if quarantine else []),

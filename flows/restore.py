@@ -277,6 +277,7 @@ def restore_etcd_cluster(
     identity_block: str | None = None,
     force: bool = False,
     allow_unsigned: bool = False,
+    approvals_required: int = 1,
 ) -> dict:
     """Restore the whole etcd cluster from a snapshot (quorum lost, API down): the last resort.
 
@@ -298,12 +299,14 @@ def restore_etcd_cluster(
         force: take the cluster lock from another recovery that has not expired (the plan says so)
         allow_unsigned: with store: accept a set that no key in the inventory's backup_signers signed, or
             one with no manifest (the platform's daemon's); the plan shows it as a warning
+        approvals_required: how many different people must approve the plan, one after another (1 to 3)
     """
     log = get_run_logger()
     with scratch_dir("nova-dr-snap-", mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp,
                       store, backup, s3_block, identity_block, allow_unsigned)
         run.data["healthy_timeout"] = healthy_timeout_seconds
+        run.data["approvals"] = approvals_required
         print(f"recovery id: {run.recovery_id}")
         try:
             with cluster_lock(run, wait_for_cluster_seconds, force):
@@ -321,7 +324,7 @@ def _restore(run: Run, auto_approve: bool, approval_timeout_minutes: float, log)
 
     started = time.time()
     before, plan, approval, results = mc.run_recovery(run, plan_from, ACTIONS, auto_approve,
-                                                      approval_timeout_minutes)
+                                                      approval_timeout_minutes, run.data["approvals"])
     ctx = FlowRunContext.get()
     ctx_id = str(ctx.flow_run.id) if ctx else ""
     report = render_report(run, plan, before, results, approval, time.time() - started, ctx_id)
@@ -352,7 +355,8 @@ def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, app
     return "\n".join([
         f"# restore-etcd-cluster on `{run.cluster.name}`: done in {seconds:.1f}s", "",
         f"- recovery id: `{run.recovery_id}`", f"- snapshot: `{snap.source}` (sha256 `{snap.sha256}`)",
-        f"- approved by: {approval['approved_by']} ({approval.get('reason') or 'no reason given'})",
+        f"- approved by: {approval['approved_by']} ({approval.get('reason') or 'no reason given'}), through "
+        f"{approval.get('via', '?')}",
         f"- expected revision {v['expected_revision']}; {bumped}", "",
         "## Before", mc.facts_table(before), "", "## After", after, "",
         "## Steps", mc.step_table(results, flow_run_id), "",

@@ -274,7 +274,45 @@ def test_gate_reject_changes_nothing_then_approve_proceeds(lab3, tmp_path, clean
     _answer(run_id, approve=True)
     t.join(180)
     assert out["state"].is_completed(), error_of(out["state"])
-    assert out["state"].result()["approval"] == {"approved_by": "test-sre", "reason": "test"}
+    assert out["state"].result()["approval"] == {"approved_by": "test-sre", "reason": "test", "via": machinery.UI_OR_API}
+    assert_restored(lab3, expected)
+
+
+def test_two_approvers_must_be_two_people(lab3, tmp_path, clean_listeners):
+    """approvals_required=2: the same name twice is refused with nothing changed; two names
+    proceed, and the report names both, with how each answered."""
+    from prefect.client.orchestration import get_client
+
+    snap, expected = prepare_lab(lab3, tmp_path)
+    lab3.break_member("etcd2", "wipe")
+    before = fingerprint(lab3)
+    inv = str(lab3.dir / "inventory.yaml")
+
+    def answer(run_id: str, name: str, via: str = "") -> None:
+        with get_client(sync_client=True) as client:
+            _wait_for(lambda: client.read_flow_run(run_id).state.is_paused(), 60, "the run to pause")
+            res = client.resume_flow_run(run_id, run_input={"approve": True, "name": name, "reason": "INC-7",
+                                                            "via": via})
+        assert str(res.status.value).upper() == "ACCEPT", res
+
+    t, out = _run_in_thread(inventory=inv, snapshot=str(snap), approvals_required=2)
+    run_id = _wait_paused(out)
+    answer(run_id, "alice")
+    _wait_for(lambda: len(out["ids"]) == 2 or "state" in out, 60, "the second gate")
+    answer(run_id, "Alice ")
+    t.join(60)
+    assert "came from 'Alice ', who is not a new person: this plan needs 2 different names" in error_of(out["state"])
+    assert fingerprint(lab3) == before
+    machinery.GATE_LISTENERS.clear()
+    t, out = _run_in_thread(inventory=inv, snapshot=str(snap), approvals_required=2)
+    run_id = _wait_paused(out)
+    answer(run_id, "alice")
+    _wait_for(lambda: len(out["ids"]) == 2 or "state" in out, 60, "the second gate")
+    answer(run_id, "bob", via="`nova-dr approve` (bob@desk)")
+    t.join(180)
+    assert out["state"].is_completed(), error_of(out["state"])
+    assert out["state"].result()["approval"] == {"approved_by": "alice and bob", "reason": "INC-7; INC-7",
+                                                 "via": f"{machinery.UI_OR_API}; `nova-dr approve` (bob@desk)"}
     assert_restored(lab3, expected)
 
 
