@@ -191,7 +191,14 @@ def test_serve_secures_the_server_it_starts(tmp_path):
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 150
-        while not (home / "nova-dr-api-auth").exists() or httpx.get(f"{url}/health").status_code != 200:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        while not up():
             assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
             time.sleep(0.5)
         auth = (home / "nova-dr-api-auth").read_text().strip()
