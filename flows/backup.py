@@ -21,10 +21,10 @@ from core.inventory import Cluster
 from core.names import etcd_snapshot_name, manifest_name, node_archive_name, starvault_snapshot_name, timestamp
 from core.sets import ahead_note, expired, read_sets, retention_clock
 from core.settings import resolve_settings
+from core.signing import fingerprint, sign, trusts
 from flows import machinery as mc
 from flows.machinery import Run
 from tasks import archive
-from core.signing import fingerprint, sign, trusts
 from tasks.crypto import EncryptingStore, recipients_from, signing_key_from_block
 from tasks.storage import BackupStore, StoreError, open_store
 

@@ -277,6 +277,8 @@ def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float, approv
     """Pause until someone approves (or `approvals` different people, one after another).
     Returns who, why and through what. Raises NotApproved otherwise."""
     log = get_run_logger()
+    if not 1 <= approvals <= 3:
+        raise NovaDRError(f"approvals_required={approvals}: give 1, 2 or 3; nothing was changed")
     if auto_approve and approvals > 1:
         raise NotApproved(f"approvals_required={approvals} asks for {approvals} different people; auto_approve cannot "
                           "stand in for them. Nothing was changed")
@@ -289,8 +291,6 @@ def approval_gate(plan: Plan, auto_approve: bool, timeout_minutes: float, approv
             "this run needs an approval and nobody can give it: no terminal and no shared Prefect server "
             "(PREFECT_API_URL). Run `nova-dr run` in a terminal, point PREFECT_API_URL at a server, or pass "
             "--auto-approve. Nothing was changed")
-    if not 1 <= approvals <= 3:
-        raise NovaDRError(f"approvals_required={approvals}: give 1, 2 or 3; nothing was changed")
     answers: list = []
     for i in range(approvals):
         answer = _one_approval(plan, timeout_minutes, i, approvals)

@@ -34,9 +34,14 @@ def served(tmp_path_factory):
         assert p.poll() is None and time.monotonic() < deadline, "nova-dr serve did not register the deployments"
         time.sleep(0.5)
     yield p
-    os.killpg(p.pid, signal.SIGTERM)  # stopped by PID, before the server
+    _stop(p)  # by PID, before the server
+
+
+def _stop(p: subprocess.Popen, grace: float = 40) -> None:
+    """A `nova-dr serve` this module started, with its process group: TERM, then KILL."""
+    os.killpg(p.pid, signal.SIGTERM)
     try:
-        p.wait(30)
+        p.wait(grace)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
@@ -219,9 +224,4 @@ def test_serve_secures_the_server_it_starts(tmp_path):
                              text=True, env={**env, "PREFECT_API_URL": url}, timeout=120)
         assert "401" not in out.stdout + out.stderr and "Unauthorized" not in out.stdout + out.stderr, out.stderr
     finally:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        _stop(p)

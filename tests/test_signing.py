@@ -16,12 +16,12 @@ import pytest
 from core.errors import NovaDRError
 from core.names import parse_timestamp, timestamp
 from core.signing import check_doc, fingerprint, open_manifest, private_key, public_key, sign
-from flows.backup import backup_master_nodes
 from flows.restore import plan_restore, restore_etcd_cluster
 from flows.verify import verify_backups
-from tests.helpers import make_lab, put_keys, signer
+from tests.helpers import signer
 from tests.test_cli import CLI
 from tests.test_restore import error_of, fingerprint as lab_fingerprint
+from tests.test_verify import base, case  # noqa: F401  (the fixtures: one lab, one good set, signed)
 
 
 def _keypair(path: Path):
@@ -77,18 +77,6 @@ def test_a_signer_that_is_not_an_ed25519_key_is_a_clear_error():
 
 
 # -- a store an intruder can write ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def signed(tmp_path_factory):
-    """One lab and one good set, signed by the key the inventory trusts."""
-    lab = make_lab(3)
-    put_keys(lab, "/registry/pods/p", 60)
-    store = tmp_path_factory.mktemp("store")
-    result = backup_master_nodes(inventory=str(lab.dir / "inventory.yaml"), store=str(store),
-                                 INCLUDE_STARVAULT_DB_BACKUP=False)
-    yield lab, store, result["timestamp"]
-    lab.destroy()
-
-
 def _later(ts: str) -> str:
     """A minute after the real set: the intruder's set is the newest, `latest`."""
     return timestamp(parse_timestamp(ts) + timedelta(minutes=1))
@@ -114,14 +102,6 @@ def _their_manifest(store: Path, ts: str, new_ts: str) -> dict:
     return doc
 
 
-@pytest.fixture
-def store(signed, tmp_path):
-    lab, base, ts = signed
-    copy = tmp_path / "store"
-    shutil.copytree(base, copy)
-    return lab, copy, ts
-
-
 def _refused_everywhere(lab, store: Path, says: str) -> None:
     """restore-etcd-cluster, verify-backups and `backups fetch` refuse the newest set, and no
     master changed."""
@@ -141,8 +121,8 @@ def _refused_everywhere(lab, store: Path, says: str) -> None:
     assert lab_fingerprint(lab) == before
 
 
-def test_a_forged_set_with_its_own_manifest_is_refused(store):
-    lab, st, ts = store
+def test_a_forged_set_with_its_own_manifest_is_refused(case):  # noqa: F811
+    lab, st, ts = case
     new = _later(ts)
     _plant(st, ts, new, lambda: json.dumps(_their_manifest(st, ts, new)).encode())
     _refused_everywhere(lab, st, f"backup set {new}")
@@ -150,16 +130,16 @@ def test_a_forged_set_with_its_own_manifest_is_refused(store):
                                                                   store=str(st), return_state=True))
 
 
-def test_a_set_re_signed_by_an_unknown_key_is_refused(store, tmp_path):
-    lab, st, ts = store
+def test_a_set_re_signed_by_an_unknown_key_is_refused(case, tmp_path):  # noqa: F811
+    lab, st, ts = case
     theirs, _ = _keypair(tmp_path / "intruder")
     new = _later(ts)
     _plant(st, ts, new, lambda: sign(json.dumps(_their_manifest(st, ts, new)).encode(), theirs))
     _refused_everywhere(lab, st, "which is not one of the inventory's backup_signers")
 
 
-def test_a_signed_manifest_changed_after_signing_is_refused(store):
-    lab, st, ts = store
+def test_a_signed_manifest_changed_after_signing_is_refused(case):  # noqa: F811
+    lab, st, ts = case
     mf = st / f"nova-dr-manifest_{ts}.json"
     env = json.loads(mf.read_text())
     doc = json.loads(env["manifest"])
@@ -169,8 +149,8 @@ def test_a_signed_manifest_changed_after_signing_is_refused(store):
     _refused_everywhere(lab, st, "does not match: the manifest was changed after signing")
 
 
-def test_a_manifest_of_wrong_types_is_refused_with_its_name(store):
-    lab, st, ts = store
+def test_a_manifest_of_wrong_types_is_refused_with_its_name(case):  # noqa: F811
+    lab, st, ts = case
     new = _later(ts)
 
     def wrong():
@@ -186,8 +166,8 @@ def test_a_manifest_of_wrong_types_is_refused_with_its_name(store):
     assert lab_fingerprint(lab) == before
 
 
-def test_a_set_of_the_daemon_needs_allow_unsigned_and_the_plan_says_so(store):
-    lab, st, ts = store
+def test_a_set_of_the_daemon_needs_allow_unsigned_and_the_plan_says_so(case):  # noqa: F811
+    lab, st, ts = case
     new = _later(ts)
     _plant(st, ts, new, None)  # no manifest at all: the platform's daemon makes such sets
     _refused_everywhere(lab, st, "its origin is not verified")
@@ -201,8 +181,8 @@ def test_a_set_of_the_daemon_needs_allow_unsigned_and_the_plan_says_so(store):
     assert next(c for c in state.result()["checks"] if c["name"] == "origin")["status"] == "warn"
 
 
-def test_the_signed_set_passes_and_says_who_signed_it(store):
-    lab, st, ts = store
+def test_the_signed_set_passes_and_says_who_signed_it(case):  # noqa: F811
+    lab, st, ts = case
     state = verify_backups(inventory=str(lab.dir / "inventory.yaml"), store=str(st), return_state=True)
     assert state.is_completed(), error_of(state)
     origin = next(c for c in state.result()["checks"] if c["name"] == "origin")
