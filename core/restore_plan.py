@@ -28,7 +28,7 @@ FOLLOW_UPS = [
 
 def build_restore_plan(cluster: Cluster, facts: ClusterFacts, recovery_id: str, *, snapshot_name: str,
                        snapshot_sha256: str, bump_revision: int, delete_old_data: bool,
-                       warnings: list[str] = ()) -> Plan:
+                       warnings: list[str] = (), contents: str | None = None) -> Plan:
     members = [m.etcd_member for m in cluster.masters]
     first = members[0]
     steps: list[Step] = []
@@ -107,6 +107,7 @@ def build_restore_plan(cluster: Cluster, facts: ClusterFacts, recovery_id: str, 
 
     summary = (f"Restore every member of `{cluster.name}` from `{snapshot_name}` (sha256 {snapshot_sha256[:16]}...). "
                "**This rolls Kubernetes back to the snapshot's time.** Old data is moved into quarantine"
-               + (", then DELETED after verification." if delete_old_data else ", not deleted."))
+               + (", then DELETED after verification." if delete_old_data else ", not deleted.")
+               + (f"\n\nWhat the snapshot holds: {contents}." if contents else ""))
     return Plan(flow="restore-etcd-cluster", cluster=cluster.name, recovery_id=recovery_id, steps=tuple(steps),
                 warnings=tuple(warnings), summary=summary)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -15,11 +16,10 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.inventory import resolve_inventory
-from core.errors import CommandError, NovaDRError, PreflightError
+from core.errors import CommandError, NovaDRError, PreflightError, SnapshotError
 from core.facts import ClusterFacts
 from core.plan import Plan, Step
 from core.restore_plan import FOLLOW_UPS, build_restore_plan
-from core.errors import SnapshotError
 from core.snapshot import SnapshotCheck, prepare_snapshot
 from flows import machinery as mc
 from core.etcd import revision_after_restore, summarize_log, work_timeout
@@ -28,6 +28,7 @@ from flows.machinery import Run
 from flows.lock import cluster_lock
 from tasks import datadir, etcd, service
 from tasks.backups import fetch_set, find_set
+from tasks.drill import find_etcd_bins, scratch_etcd, snapshot_contents
 from tasks.scratch import scratch_dir
 from tasks.storage import open_store
 
@@ -204,7 +205,9 @@ def make_plan(run: Run, facts: ClusterFacts) -> Plan:
                         "replace-etcd-member or restart-etcd-member instead")
     return build_restore_plan(run.cluster, facts, run.recovery_id, snapshot_name=snap.source.rsplit("/", 1)[-1],
                               snapshot_sha256=snap.sha256, bump_revision=run.data["bump_revision"],
-                              delete_old_data=run.data["delete_old_data"], warnings=warnings)
+                              delete_old_data=run.data["delete_old_data"], warnings=warnings,
+                              contents=run.data["contents"].line(datetime.now(timezone.utc))
+                              if run.data["contents"] else None)
 
 
 def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block: str | None,
@@ -256,7 +259,19 @@ def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow
         raise NovaDRError(f"bump_revision={bump_revision}: give 0 (no bump) or a positive number")
     rid = mc.derive_recovery_id(FLOW_NAME, cluster.name, snap.sha256, recovery_id)
     return Run(FLOW_NAME, cluster, rid, data={"snapshot": snap, "bump_revision": bump_revision,
-                                               "delete_old_data": delete_old_data})
+                                               "delete_old_data": delete_old_data, "contents": read_contents(snap)})
+
+
+def read_contents(snap: SnapshotCheck):
+    """The snapshot's revision, key count and newest change, read in a scratch etcd on this
+    machine, for the plan; a warning (never a refusal) when it cannot be read here."""
+    try:
+        with scratch_etcd(snap.db_path, find_etcd_bins()) as drill:
+            return snapshot_contents(drill)
+    except (NovaDRError, CommandError, OSError, ValueError, KeyError) as err:
+        snap.warnings.append(f"the snapshot's content (revision, keys, newest change) could not be read on this "
+                             f"machine, so the plan cannot show it: {str(err)[:300]}")
+        return None
 
 
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
@@ -357,7 +372,9 @@ def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, app
         f"- recovery id: `{run.recovery_id}`", f"- snapshot: `{snap.source}` (sha256 `{snap.sha256}`)",
         f"- approved by: {approval['approved_by']} ({approval.get('reason') or 'no reason given'}), through "
         f"{approval.get('via', '?')}",
-        f"- expected revision {v['expected_revision']}; {bumped}", "",
+        f"- expected revision {v['expected_revision']}; {bumped}",
+        f"- what the snapshot held: {run.data['contents'].line(datetime.now(timezone.utc))}"
+        if run.data.get("contents") else "- what the snapshot held: not read on this machine", "",
         "## Before", mc.facts_table(before), "", "## After", after, "",
         "## Steps", mc.step_table(results, flow_run_id), "",
         "## Old data (quarantine)", *(quarantine or ["- none"]), "",

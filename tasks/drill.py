@@ -107,3 +107,16 @@ def registry_keys(drill: dict) -> list[str]:
     res = LocalConnector().run(["env", *[f"{k}={v}" for k, v in drill["env"].items()], str(drill["bins"] / "etcdctl"),
                                 "get", "/registry/", "--prefix", "--keys-only"], timeout=600)
     return [k for k in res.stdout.splitlines() if k]
+
+
+def snapshot_contents(drill: dict, newest: int = 20):
+    """What the approver is shown (core.contents): the live key count and the newest objects."""
+    from core.contents import parse_contents
+
+    base = ["env", *[f"{k}={v}" for k, v in drill["env"].items()], str(drill["bins"] / "etcdctl"), "get", "",
+            "--from-key"]  # "" from-key: every key (etcdctl refuses an empty --prefix)
+    conn = LocalConnector()
+    count = conn.run(base + ["--count-only", "-w", "fields"], timeout=600).stdout
+    top = conn.run(base + ["--sort-by=MODIFY", "--order=DESCEND", f"--limit={newest}", "-w", "json"],
+                   timeout=600).stdout
+    return parse_contents(count, top)
