@@ -166,3 +166,16 @@ def expired(sets: list[BackupSet], now: datetime, days: int, archive_names: list
     cutoff = now - timedelta(days=days)
     doomed = [f for s in sets if s is not newest_complete and s not in ahead and s.time < cutoff for f in s.files]
     return doomed, f"kept the newest complete set {newest_complete.ts}" + note
+
+
+def spare_locked(sets: list[BackupSet], doomed: list[str], locks: dict[str, datetime],
+                 now: datetime) -> tuple[list[str], str]:
+    """Retention under Object Lock: a set any of whose files is still locked stays whole (the
+    store would refuse half of it, and half a set restores nothing). Returns what may go, and
+    a note naming the sets kept for their lock."""
+    kept = [s for s in sets if any(f in doomed and f in locks and locks[f] > now for f in s.files)]
+    spared = {f for s in kept for f in s.files}
+    note = ("; locked, kept until their lock expires: "
+            + ", ".join(f"{s.ts} (until {max(locks[f] for f in s.files if f in locks):%Y-%m-%d %H:%M} UTC)"
+                        for s in kept)) if kept else ""
+    return [f for f in doomed if f not in spared], note

@@ -8,7 +8,7 @@ after a successful backup.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -19,7 +19,7 @@ from core.errors import NovaDRError, PreflightError
 from core.facts import ClusterFacts
 from core.inventory import Cluster
 from core.names import etcd_snapshot_name, manifest_name, node_archive_name, starvault_snapshot_name, timestamp
-from core.sets import ahead_note, expired, read_sets, retention_clock
+from core.sets import ahead_note, expired, read_sets, retention_clock, spare_locked
 from core.settings import resolve_settings
 from core.signing import fingerprint, sign, trusts
 from flows import machinery as mc
@@ -143,6 +143,9 @@ def apply_retention(store: BackupStore, cluster: Cluster, days: int, require_sta
     sets, orphans = read_sets(files)
     now, clock = retention_clock(datetime.now(timezone.utc), files)
     doomed, why = expired(sets, now, days, [m.archive_name for m in cluster.masters], require_starvault)
+    locks = {n: r[1] for n in doomed if (r := store.retention_of(n))}
+    doomed, locked = spare_locked(sets, doomed, locks, now)
+    why += locked
     for name in doomed:
         store.delete(name)
     return {"deleted": doomed, "kept": why, "left_alone": orphans, "clock": clock, "ahead": ahead_note(sets, now)}
@@ -162,6 +165,7 @@ def backup_master_nodes(
     recipients: list[str] | None = None,
     encrypt_etcd_snapshot: bool = False,
     leftover_age_minutes: int = 240,
+    object_lock: str | None = None,
 ) -> dict:
     """Back up every master: the etcd snapshot, one archive per master, the StarVault snapshot,
     a manifest; then retention. Each INCLUDE_* / RETENTION_PERIOD_DAYS left empty comes from the
@@ -183,6 +187,9 @@ def backup_master_nodes(
             when the platform's encryption config is on, but its keys are in the node archives)
         leftover_age_minutes: what a killed backup left (partial files in the store, open multipart
             uploads, snapshot copies on the masters) is removed once it is this old (default 4 h)
+        object_lock: GOVERNANCE or COMPLIANCE: write every file of the set with S3 Object Lock for
+            RETENTION_PERIOD_DAYS, so that nobody (COMPLIANCE: not even the bucket's admin) can delete
+            or overwrite it before then; needs an s3:// bucket created with Object Lock
     """
     log = get_run_logger()
     settings = resolve_settings(dict(INCLUDE_STARVAULT_UNSEAL_TOKENS=INCLUDE_STARVAULT_UNSEAL_TOKENS,
@@ -190,6 +197,11 @@ def backup_master_nodes(
                                      INCLUDE_DATA_ENCRYPTION_CONFIG=INCLUDE_DATA_ENCRYPTION_CONFIG,
                                      INCLUDE_STARVAULT_DB_BACKUP=INCLUDE_STARVAULT_DB_BACKUP,
                                      RETENTION_PERIOD_DAYS=RETENTION_PERIOD_DAYS))
+    if object_lock not in (None, "", "GOVERNANCE", "COMPLIANCE"):
+        raise NovaDRError(f"object_lock={object_lock!r}: give GOVERNANCE, COMPLIANCE or leave it empty")
+    if object_lock and not store.startswith("s3://"):
+        raise NovaDRError(f"object_lock={object_lock} needs an s3:// store; {store!r} is a directory, whose "
+                          "files its admin can always delete")
     cluster = resolve_inventory(inventory)
     if settings["INCLUDE_STARVAULT_DB_BACKUP"] and not starvault_block:
         raise NovaDRError("INCLUDE_STARVAULT_DB_BACKUP is on but no starvault_block is given: save a Nova StarVault "
@@ -198,6 +210,10 @@ def backup_master_nodes(
     keys = recipients if recipients is not None else cluster.backup_recipients
     st = open_store(store, s3_block)
     st.list()  # the store answers before any master is touched
+    lock = None
+    if object_lock:  # the set then outlives its retention period whatever happens to the bucket's keys
+        lock = (object_lock, datetime.now(timezone.utc) + timedelta(days=settings["RETENTION_PERIOD_DAYS"]))
+        st.lock_puts(*lock)
     base = st
     if keys:
         st = EncryptingStore(st, recipients_from(keys), {"node", "starvault"} | ({"etcd"} if encrypt_etcd_snapshot
@@ -240,7 +256,8 @@ def backup_master_nodes(
     rows = [[r["name"], r["size"], r["sha256"][:16]] for r in results]
     mc.publish("backup-report", f"# Backup {ts} to `{st.url}`\n\n" + mc.render_table(["file", "bytes", "sha256"], rows)
                + f"\n\nmanifest `{manifest}`; retention: deleted {len(retention['deleted'])}, {retention['kept']}"
-               + (f"\n\nEncrypted with age to {len(keys)} recipient(s)." if keys else f"\n\n> **Warning:** {UNENCRYPTED}"),
+               + (f"\n\nEncrypted with age to {len(keys)} recipient(s)." if keys else f"\n\n> **Warning:** {UNENCRYPTED}")
+               + (f"\n\nEvery file locked ({lock[0]}) until {lock[1]:%Y-%m-%d %H:%M} UTC." if lock else ""),
                "backup-master-nodes: what was written")
     return {"timestamp": ts, "store": st.url, "files": results, "manifest": manifest, "retention": retention,
-            "settings": settings}
+            "settings": settings, "object_lock": {"mode": lock[0], "until": lock[1].isoformat()} if lock else None}

@@ -208,6 +208,7 @@ def verify_backups(
                             f"etcd snapshot, {len(chosen.nodes)} master archives"
                             + (", StarVault snapshot" if starvault else " (StarVault switched off)")))
         checks.append(check_integrity(chosen, folder, manifest))
+        checks.append(check_lock(st, chosen, now))
         same = chosen.nova_version == cluster.nova_version
         checks.append(Check("compatibility", "pass" if same else "fail",
                             f"set made by Nova {chosen.nova_version}, cluster runs {cluster.nova_version}"))
@@ -223,6 +224,24 @@ def verify_backups(
         except NovaDRError as err:
             checks.append(Check("restore drill", "fail", str(err)[:600]))
     return finish(st, chosen, checks, log)
+
+
+def check_lock(st: BackupStore, s: BackupSet, now: datetime) -> Check:
+    """Whether the set would survive someone who holds the store's keys (ransomware above all)."""
+    try:
+        locks = {f: st.retention_of(f) for f in s.files}
+    except NovaDRError as err:
+        return Check("object lock", "warn", str(err)[:600])
+    held = {f: r for f, r in locks.items() if r and r[1] > now}
+    if not held:
+        return Check("object lock", "warn", "not locked: whoever holds the store's keys can delete this set"
+                     + ("" if st.url.startswith("s3://") else " (a directory store cannot lock files)")
+                     + "; back up to an S3 bucket with Object Lock, with object_lock=COMPLIANCE")
+    if len(held) < len(locks):
+        return Check("object lock", "warn", "only partly locked; not locked: " + ", ".join(sorted(set(locks) - set(held))))
+    modes = sorted({r[0] for r in held.values()})
+    return Check("object lock", "pass", f"every file locked ({'/'.join(modes)}) until at least "
+                                        f"{min(r[1] for r in held.values()):%Y-%m-%d %H:%M} UTC")
 
 
 def open_set(s: BackupSet, folder: Path, manifest: dict | None, identity_block: str | None) -> tuple[Check, BackupSet]:

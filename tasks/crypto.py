@@ -176,6 +176,9 @@ class EncryptingStore:
     def delete(self, name):
         return self.inner.delete(name)
 
+    def retention_of(self, name):
+        return self.inner.retention_of(name)
+
     def put(self, name: str, write: Writer, mode: int = 0o600) -> tuple[int, str]:
         from core.names import parse_name
 

@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 from urllib.parse import urlsplit
@@ -42,6 +43,9 @@ class BackupStore(Protocol):
 
     def clear_leftovers(self, older_than_s: float) -> list[str]:
         """Remove what killed puts left (never a stored file); returns what went."""
+
+    def retention_of(self, name: str) -> tuple[str, datetime] | None:
+        """The Object Lock a stored file carries: (mode, retain until), or None."""
 
 
 class _Hashing:
@@ -133,6 +137,9 @@ class DirectoryStore:
         _check_name(name)
         (self._ready() / name).unlink(missing_ok=True)
 
+    def retention_of(self, name: str) -> None:
+        return None  # a directory cannot lock a file against its own admin
+
     def clear_leftovers(self, older_than_s: float) -> list[str]:
         """The `.NAME.part-*` files a killed backup left, untouched for `older_than_s` (a put
         in progress writes to its own all the time). Never a stored file, nor a NAME not ours."""
@@ -167,6 +174,34 @@ class S3Store:
         cfg = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=5, read_timeout=60)
         self.s3 = (session or boto3.session.Session()).client("s3", config=cfg)
         self.attempts = attempts
+        self.lock: tuple[str, datetime] | None = None  # (mode, retain until) for every put; see lock_puts
+        self._versioned: bool | None = None
+
+    def lock_puts(self, mode: str, until: datetime) -> None:
+        """Write every file from now on with Object Lock retention, once the bucket is known to
+        have Object Lock (S3 allows it only on buckets created with it)."""
+        try:
+            conf = self.s3.get_object_lock_configuration(Bucket=self.bucket)["ObjectLockConfiguration"]
+            enabled = conf.get("ObjectLockEnabled") == "Enabled"
+        except Exception as err:
+            if "ObjectLockConfigurationNotFound" not in str(err):
+                raise self._err("reading the bucket's Object Lock configuration", err) from None
+            enabled = False
+        if not enabled:
+            raise StoreError(f"store {self.url}: bucket {self.bucket} has no Object Lock, so object_lock={mode} "
+                             "cannot be kept. Object Lock can only be turned on when a bucket is created: create "
+                             "one with it (aws s3api create-bucket --object-lock-enabled-for-bucket), or leave "
+                             "object_lock empty. Nothing was written")
+        self.lock = (mode, until)
+
+    def retention_of(self, name: str) -> tuple[str, datetime] | None:
+        try:
+            head = self.s3.head_object(Bucket=self.bucket, Key=self._key(name))
+        except Exception as err:
+            raise self._err(f"reading the Object Lock of {name}", err) from None
+        if head.get("ObjectLockMode") and head.get("ObjectLockRetainUntilDate"):
+            return head["ObjectLockMode"], head["ObjectLockRetainUntilDate"]
+        return None
 
     def _key(self, name: str) -> str:
         _check_name(name)
@@ -212,6 +247,8 @@ class S3Store:
         extra = {"ChecksumAlgorithm": "SHA256"}
         if self.sse:
             extra["ServerSideEncryption"] = self.sse
+        if self.lock:
+            extra.update(ObjectLockMode=self.lock[0], ObjectLockRetainUntilDate=self.lock[1])
         upload = self._retry(f"starting the upload of {name}",
                              lambda: self.s3.create_multipart_upload(Bucket=self.bucket, Key=key, **extra))
         uid, parts = upload["UploadId"], []
@@ -249,8 +286,21 @@ class S3Store:
             raise self._err(f"downloading {name}", err) from None
 
     def delete(self, name: str) -> None:
+        """On a versioned bucket (Object Lock makes every bucket one) a plain delete only hides
+        the file behind a delete marker and keeps, and bills, its bytes: every version goes."""
+        key = self._key(name)
         try:
-            self.s3.delete_object(Bucket=self.bucket, Key=self._key(name))
+            if self._versioned is None:
+                self._versioned = self.s3.get_bucket_versioning(Bucket=self.bucket).get("Status") in (
+                    "Enabled", "Suspended")
+            if not self._versioned:
+                self.s3.delete_object(Bucket=self.bucket, Key=key)
+                return
+            pages = self.s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=key)
+            for page in pages:
+                for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                    if v["Key"] == key:
+                        self.s3.delete_object(Bucket=self.bucket, Key=key, VersionId=v["VersionId"])
         except Exception as err:
             raise self._err(f"deleting {name}", err) from None
 

@@ -8,7 +8,7 @@ import pytest
 
 from core.errors import NovaDRError
 from core.settings import resolve_settings
-from core.sets import StoredFile, choose_set, expired, read_sets
+from core.sets import StoredFile, choose_set, expired, read_sets, spare_locked
 
 NODES = ["nova-master-1-nova-internal", "nova-master-2-nova-internal", "nova-master-3-nova-internal"]
 
@@ -141,3 +141,16 @@ def test_a_set_from_the_future_is_not_fresh():
     sets, _ = read_sets(files(ours("2024-03-19_040000") + ours("2024-03-21_040000")))  # one planted beside it
     c = check_freshness(sets, NODES, True, 26, NOW)
     assert c.status == "warn" and "2024-03-19_040000 is 25.0h old" in c.evidence and "23.0h ahead" in c.evidence
+
+
+def test_retention_keeps_a_set_whole_while_any_of_its_files_is_locked():
+    names = ours("2024-03-01_040000") + ours("2024-03-02_040000") + ours("2024-03-19_040000")
+    sets, _ = read_sets(files(names))
+    doomed, _ = expired(sets, NOW, 7, NODES, True)
+    one = next(f for f in ours("2024-03-01_040000") if f.startswith("nova-master-2"))
+    locks = {one: datetime(2024, 3, 21, tzinfo=timezone.utc),  # still locked: its whole set stays
+             ours("2024-03-02_040000")[0]: datetime(2024, 3, 19, tzinfo=timezone.utc)}  # expired: goes
+    left, note = spare_locked(sets, doomed, locks, NOW)
+    assert set(left) == set(ours("2024-03-02_040000"))
+    assert note == "; locked, kept until their lock expires: 2024-03-01_040000 (until 2024-03-21 00:00 UTC)"
+    assert spare_locked(sets, doomed, {}, NOW) == (doomed, "")

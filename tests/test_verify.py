@@ -112,8 +112,11 @@ def test_a_good_set_passes_and_the_drill_serves_its_keys(case):
     state = run(lab, store)
     assert state.is_completed(), error_of(state)
     checks = {c["name"]: c for c in state.result()["checks"]}
-    # this set is not encrypted: the one warning, every time (test_encryption covers encrypted sets)
-    assert {n: c["status"] for n, c in checks.items() if c["status"] != "pass"} == {"encryption": "warn"}
+    # this set is not encrypted and a directory cannot lock it: the two warnings, every time
+    # (test_encryption covers encrypted sets, test_object_lock locked ones)
+    assert {n: c["status"] for n, c in checks.items() if c["status"] != "pass"} == {"encryption": "warn",
+                                                                                     "object lock": "warn"}
+    assert "a directory store cannot lock files" in checks["object lock"]["evidence"]
     assert "150 keys under /registry/ in 2 resource types" in checks["drill key counts"]["evidence"]
     assert state.result()["set"] == ts
 
