@@ -25,11 +25,14 @@ class Kopia:
         self._secrets = [password, secret_key]
         self.env = {**os.environ, "KOPIA_PASSWORD": password, "AWS_ACCESS_KEY_ID": access_key,
                     "AWS_SECRET_ACCESS_KEY": secret_key, "KOPIA_CHECK_FOR_UPDATES": "false",
-                    "KOPIA_LOG_DIR": str(self.dir / "logs")}
+                    "KOPIA_LOG_DIR": str(self.dir / "logs"),
+                    # A private cache (kopia's default is the user's ~/.cache/kopia). Not the
+                    # --cache-directory flag: kopia defines it only on `repository connect`, and an
+                    # unknown flag before the command word is a hard error (kingpin).
+                    "KOPIA_CACHE_DIRECTORY": str(self.dir / "cache")}
 
     def run(self, *args: str, timeout: float = 3600) -> str:
-        argv = [self.bin, "--config-file", str(self.dir / "repository.config"),
-                "--cache-directory", str(self.dir / "cache"), *args]
+        argv = [self.bin, "--config-file", str(self.dir / "repository.config"), *args]
         try:
             p = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -50,8 +53,9 @@ class Kopia:
         """kopia wants the endpoint as host[:port], without a scheme; http means --disable-tls."""
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
         # --no-persist-credentials: the password stays in KOPIA_PASSWORD, never in a file next to the config
+        # --readonly: this connection only lists and restores; it can never change Velero's repository
         args = ["repository", "connect", "s3", "--bucket", bucket, "--prefix", prefix, "--endpoint", parts.netloc,
-                "--no-persist-credentials"]
+                "--no-persist-credentials", "--readonly"]
         if region:
             args += ["--region", region]
         if parts.scheme == "http":

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -250,16 +251,30 @@ def test_kopia_restores_the_point_names_masters_by_archives_and_disconnects(kopi
     want = {name: sha(data) for node in kopia["files"].values() for name, data in node.items()}
     assert {p.name: sha(p.read_bytes()) for p in to.iterdir()} == want
     argv = calls(kopia)
-    assert argv[0][4:] == ["repository", "connect", "s3", "--bucket", "velero-bucket", "--prefix",
+    assert argv[0][2:] == ["repository", "connect", "s3", "--bucket", "velero-bucket", "--prefix",
                            "kopia/nova-cluster-backup/", "--endpoint", "127.0.0.1:9000", "--no-persist-credentials",
-                           "--region", "us-east-1", "--disable-tls"]
-    assert argv[1][4:] == ["snapshot", "list", "--all", "--json"]
-    assert sorted(a[6] for a in argv if a[4:6] == ["snapshot", "restore"]) == [f"{i}new" + "b" * 28 for i in range(3)]
-    assert argv[-1][4:] == ["repository", "disconnect"]
+                           "--readonly", "--region", "us-east-1", "--disable-tls"]
+    assert argv[1][2:] == ["snapshot", "list", "--all", "--json"]
+    assert sorted(a[4] for a in argv if a[2:4] == ["snapshot", "restore"]) == [f"{i}new" + "b" * 28 for i in range(3)]
+    assert argv[-1][2:] == ["repository", "disconnect"]
     configs = {a[1] for a in argv}
     assert len(configs) == 1 and str(to) in configs.pop()  # a private config, gone afterwards
     assert [p.name for p in to.iterdir() if p.name.startswith(".")] == []
     assert "did not answer" in out["notes"][0] and "shared key" in out["notes"][-1]
+
+
+def test_the_kopia_stub_parses_as_kopia_does(kopia, tmp_path):
+    """kingpin: the app's flags anywhere, a command's flags only after its word. The
+    --cache-directory that nova-dr once put first made every real kopia call fail."""
+    stub = [str(REPO / "tests" / "stubs" / "kopia"), "--config-file", str(tmp_path / "c.json")]
+    env = {**os.environ, "KOPIA_CACHE_DIRECTORY": str(tmp_path / "cache")}
+    run = lambda *a: subprocess.run([*stub, *a], env=env, capture_output=True, text=True)  # noqa: E731
+    p = run("--cache-directory", str(tmp_path / "cache"), "snapshot", "list", "--all", "--json")
+    assert p.returncode == 1 and "kopia: error: unknown long flag '--cache-directory'" in p.stderr
+    p = run("snapshot", "--bucket", "b", "list")
+    assert p.returncode == 1 and "unknown long flag '--bucket'" in p.stderr
+    p = run("repository", "connect", "s3", "--cache-directory=" + str(tmp_path / "cache"), "--bucket", "b")
+    assert "unknown long flag" not in p.stderr and "error connecting to repository" in p.stderr  # parsed
 
 
 def test_kopia_point_in_time_and_names_by_pods_when_the_api_answers(kopia, tmp_path, fake_kube):
@@ -285,10 +300,10 @@ def test_kopia_bad_input(kopia, tmp_path):
     err = error_of(restore_files_kopia(to=str(tmp_path / "a"), **{**KW, "password_block": "kopia-wrong"},
                                        return_state=True))
     assert "invalid repository password" in err and "wrong-password" not in err
-    assert calls(kopia)[-1][4:] == ["repository", "disconnect"]
+    assert calls(kopia)[-1][2:] == ["repository", "disconnect"]
     err = error_of(restore_files_kopia(to=str(tmp_path / "b"), point="2020-01-01T00:00:00Z", **KW, return_state=True))
     assert "no snapshot at or before 2020-01-01 00:00:00Z" in err and "2026-11-26 04:00:05Z" in err
-    assert calls(kopia)[-1][4:] == ["repository", "disconnect"]
+    assert calls(kopia)[-1][2:] == ["repository", "disconnect"]
     err = error_of(restore_files_kopia(to=str(tmp_path / "c"), point="yesterday", **KW, return_state=True))
     assert "write latest or a time" in err
     # a source whose files carry no archive name, and no API to ask: it maps to no master
