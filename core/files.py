@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from core.errors import NovaDRError
 from core.names import parse_name
 from core.sets import BackupSet, StoredFile, read_sets
 
-_POD_UID = re.compile(r"/host_pods/([0-9a-f-]{36})/volumes/")
+# Velero's pod-volume sources: through 1.16 the pod's volume dir on the node; from 1.17 the
+# "real source" <requester>/kopia/<namespace>/<pod>/<volume or PVC> (velero pkg/podvolume/util.go
+# GetRealSource, pkg/uploader/provider/kopia.go RunBackup, v1.17.0).
+_HOST_PODS = re.compile(r"/host_pods/([0-9a-f-]{36})/volumes/")
+_REAL_SOURCE = re.compile(r"^/?snapshot-pod-volume/kopia/([^/]+)/([^/]+)/([^/]+)$")
 
 
 @dataclass(frozen=True)
@@ -25,10 +29,22 @@ class KopiaSnapshot:
     start: datetime
     end: datetime | None
     files: int | None
+    tags: dict = field(default_factory=dict)  # Velero's: backup, backup-uid, pod, pod-uid, ns, volume, ...
+    incomplete: str | None = None  # kopia's "checkpoint" or "canceled": never a point to restore
 
     @property
     def source(self) -> str:
         return f"{self.user}@{self.host}:{self.path}"
+
+    @property
+    def pod_uid(self) -> str | None:
+        m = _HOST_PODS.search(self.path)
+        return self.tags.get("pod-uid") or (m[1] if m else None)
+
+    @property
+    def pod(self) -> str | None:
+        m = _REAL_SOURCE.match(self.path)
+        return self.tags.get("pod") or (m[2] if m else None)
 
 
 def _time(text: str) -> datetime:
@@ -47,7 +63,9 @@ def parse_kopia_snapshots(text: str) -> list[KopiaSnapshot]:
         return [KopiaSnapshot(id=i["id"], host=i["source"]["host"], user=i["source"]["userName"],
                               path=i["source"]["path"], start=_time(i["startTime"]),
                               end=_time(i["endTime"]) if i.get("endTime") else None,
-                              files=(i.get("stats") or {}).get("fileCount")) for i in items]
+                              files=(i.get("stats") or {}).get("fileCount"),
+                              tags={str(k): str(v) for k, v in (i.get("tags") or {}).items()},
+                              incomplete=i.get("incomplete") or None) for i in items]
     except (ValueError, KeyError, TypeError) as err:
         raise NovaDRError(f"kopia snapshot list: output not understood ({err}); is this kopia 0.10 or newer?") from None
 
@@ -64,30 +82,50 @@ def parse_point(point: str) -> datetime | None:
 
 
 def choose_snapshots(snaps: list[KopiaSnapshot], point: datetime | None) -> tuple[dict[str, KopiaSnapshot], list[str]]:
-    """Per source, the newest snapshot started at or before point. Returns (chosen by source
-    path, warnings for sources that have none then)."""
-    if not snaps:
-        raise NovaDRError("the Kopia repository holds no snapshots")
+    """The snapshots of one point in time, at or before `point`, by source, and notes.
+
+    Velero tags each of a backup's snapshots with the backup's name: the newest backup whose
+    snapshots all started by `point` is the point, whole (the daemon pods' sources change with
+    every pod, so per source would mix a dead pod's old files in). Snapshots without that tag
+    (kopia run by hand): per source, the newest at or before `point`. `snapshot list --json`
+    lists incomplete snapshots too (only its text output hides them): they are skipped."""
+    complete = [s for s in snaps if not s.incomplete]
+    notes = [f"skipped {len(snaps) - len(complete)} incomplete snapshot(s) (kopia's checkpoints or cancelled "
+             "uploads)"] if len(complete) < len(snaps) else []
+    if not complete:
+        raise NovaDRError("the Kopia repository holds no complete snapshots" if snaps else
+                          "the Kopia repository holds no snapshots")
+    if all(s.tags.get("backup") for s in complete):
+        backups: dict[str, list[KopiaSnapshot]] = {}
+        for s in complete:
+            backups.setdefault(s.tags["backup"], []).append(s)
+        at = {name: max(s.start for s in group) for name, group in backups.items()}
+        fit = [name for name in backups if point is None or at[name] <= point]
+        if not fit:
+            _too_early(complete, point)
+        name = max(fit, key=lambda n: at[n])
+        group = backups[name]
+        notes.append(f"the point: Velero backup {name} ({len(group)} pod volumes, started by "
+                     f"{at[name]:%Y-%m-%d %H:%M:%S}Z)")
+        return {s.source: s for s in sorted(group, key=lambda s: s.start)}, notes
     chosen: dict[str, KopiaSnapshot] = {}
-    warnings = []
-    for path in sorted({s.path for s in snaps}):
-        mine = sorted((s for s in snaps if s.path == path), key=lambda s: s.start)
+    for path in sorted({s.source for s in complete}):
+        mine = sorted((s for s in complete if s.source == path), key=lambda s: s.start)
         before = [s for s in mine if point is None or s.start <= point]
         if before:
             chosen[path] = before[-1]
         else:
-            warnings.append(f"source {path}: no snapshot at or before {point:%Y-%m-%d %H:%M:%S}Z (its oldest is "
-                            f"{mine[0].start:%Y-%m-%d %H:%M:%S}Z)")
+            notes.append(f"source {path}: no snapshot at or before {point:%Y-%m-%d %H:%M:%S}Z (its oldest is "
+                         f"{mine[0].start:%Y-%m-%d %H:%M:%S}Z)")
     if not chosen:
-        oldest = min(s.start for s in snaps)
-        raise NovaDRError(f"no snapshot at or before {point:%Y-%m-%d %H:%M:%S}Z: the oldest in the repository is "
-                          f"{oldest:%Y-%m-%d %H:%M:%S}Z; choose a later point")
-    return chosen, warnings
+        _too_early(complete, point)
+    return chosen, notes
 
 
-def pod_uid(source_path: str) -> str | None:
-    m = _POD_UID.search(source_path)
-    return m[1] if m else None
+def _too_early(snaps: list[KopiaSnapshot], point: datetime) -> None:
+    oldest = min(s.start for s in snaps)
+    raise NovaDRError(f"no snapshot at or before {point:%Y-%m-%d %H:%M:%S}Z: the oldest in the repository is "
+                      f"{oldest:%Y-%m-%d %H:%M:%S}Z; choose a later point")
 
 
 def masters_in(names: list[str]) -> list[str]:
@@ -95,18 +133,19 @@ def masters_in(names: list[str]) -> list[str]:
     return sorted({p.node for n in names if (p := parse_name(n)) and p.kind == "node"})
 
 
-def name_source(source_path: str, uid_to_node: dict[str, str], files: list[str]) -> str:
-    """Whose files a source holds: the node of the daemon pod with the source's UID when the
-    API answered, else the one archive name among the restored files."""
-    uid = pod_uid(source_path)
-    if uid and uid in uid_to_node:
-        return uid_to_node[uid]
+def name_source(snap: KopiaSnapshot, pods: dict[str, str], files: list[str]) -> str:
+    """Whose files a source holds: the node of the daemon pod with the snapshot's pod UID (or,
+    failing that, pod name) when the API answered, else the one archive name among the
+    restored files."""
+    for key in (snap.pod_uid, snap.pod):
+        if key and key in pods:
+            return pods[key]
     found = masters_in(files)
     if len(found) == 1:
         return found[0]
     why = "no node archive among its files" if not found else f"archives of several masters ({', '.join(found)})"
-    raise NovaDRError(f"source {source_path} maps to no master: its pod UID {uid or '?'} is not a running "
-                      f"nova-backup-daemon pod, and it holds {why}")
+    raise NovaDRError(f"source {snap.path} maps to no master: its pod {snap.pod or '?'} (UID {snap.pod_uid or '?'}) "
+                      f"is not a running nova-backup-daemon pod, and it holds {why}")
 
 
 def flat_collisions(by_origin: dict[str, list[str]]) -> list[str]:

@@ -233,7 +233,7 @@ def restore_files_velero(
 # --- Kopia ---------------------------------------------------------------------------------------
 
 def daemon_nodes(kube: str | None) -> tuple[dict[str, str], str]:
-    """pod UID -> node of the nova-backup-daemon pods, when the API answers (it will not in a
+    """pod UID and pod name -> node of the nova-backup-daemon pods, when the API answers (it will not in a
     full etcd restore). Returns the map and how the sources were named."""
     try:
         api = Kube(resolve_kube(kube))
@@ -241,7 +241,8 @@ def daemon_nodes(kube: str | None) -> tuple[dict[str, str], str]:
                         label_selector=k.DAEMON_LABEL, _request_timeout=10)["items"]
     except NovaDRError as err:
         return {}, f"the Kubernetes API did not answer ({err}); sources named by the archives inside them"
-    return ({p["metadata"]["uid"]: p["spec"].get("nodeName", "?") for p in pods},
+    # by UID (Velero's pod-uid tag, or a 1.16 source path) and by name (a 1.17+ source path)
+    return ({key: p["spec"].get("nodeName", "?") for p in pods for key in (p["metadata"]["uid"], p["metadata"]["name"])},
             f"sources named by the {len(pods)} {k.DAEMONSET} pods")
 
 
@@ -276,12 +277,12 @@ def restore_files_kopia(
         try:  # a connect that fails half way is disconnected too
             kopia.connect_s3(bucket, prefix, creds.endpoint_url, creds.region_name)
             chosen, notes = cf.choose_snapshots(cf.parse_kopia_snapshots(kopia.snapshots()), when)
-            uid_to_node, naming = daemon_nodes(kube)
+            pods, naming = daemon_nodes(kube)
             parts = {}
             for i, (path, snap) in enumerate(sorted(chosen.items())):
                 target = work / f"source-{i}"
                 kopia.restore(snap.id, target)
-                master = cf.name_source(path, uid_to_node, [p.name for p in target.iterdir() if p.is_file()])
+                master = cf.name_source(snap, pods, [p.name for p in target.iterdir() if p.is_file()])
                 parts[f"{master} (snapshot {snap.id} {snap.start:%Y-%m-%d %H:%M}Z)"] = target
                 log.info("source %s -> master %s, snapshot %s", path, master, snap.id)
         finally:

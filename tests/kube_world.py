@@ -163,3 +163,32 @@ class World:
             if obj["spec"].get("defaultVolumesToFsBackup"):
                 self.s3.put_object(Bucket=self.bucket, Key="kopia/nova-cluster-backup/kopia.repository.f", Body=b"{}")
         self.fake.set_status("velero.io", "backups", ns, name, **outcome)
+
+
+def velero_kopia_snapshot(velero: str, sid: str, pod: str, pod_uid: str, backup: str, start: str,
+                          incomplete: str | None = None) -> dict:
+    """One entry as `kopia snapshot list --all --json` prints a pod-volume snapshot Velero's
+    uploader made (velero pkg/uploader/kopia/snapshot.go SnapshotSource: tags, description,
+    pin; pkg/podvolume/backupper.go: the tags; kopia snapshot/manifest.go: the fields).
+    `velero`: "1.16" (source /host_pods/<uid>/volumes/..., requester pod-volume-backup-restore)
+    or "1.18" (from 1.17: source snapshot-pod-volume/kopia/<ns>/<pod>/<volume>)."""
+    ns, volume = "nova-cluster-backup", "backup-volume"
+    new = velero != "1.16"
+    path = (f"snapshot-pod-volume/kopia/{ns}/{pod}/{volume}" if new
+            else f"/host_pods/{pod_uid}/volumes/kubernetes.io~empty-dir/{volume}")
+    out = {"id": sid, "source": {"host": "default", "userName": "default", "path": path},
+           "description": "Kopia Uploader", "startTime": start, "endTime": start.replace(":05.", ":09."),
+           "tags": {"backup": backup, "backup-uid": f"b-{backup[-14:]}", "pod": pod, "pod-uid": pod_uid, "ns": ns,
+                    "volume": volume, "snapshot-requester": "snapshot-pod-volume" if new else "pod-volume-backup-restore",
+                    "snapshot-uploader": "kopia"},
+           "pins": ["velero-pin"],
+           "stats": {"totalSize": 1000, "excludedTotalSize": 0, "fileCount": 2, "cachedFiles": 0, "nonCachedFiles": 2,
+                     "dirCount": 1, "excludedFileCount": 0, "excludedDirCount": 0, "ignoredErrorCount": 0,
+                     "errorCount": 0},
+           "rootEntry": {"name": volume, "type": "d", "mode": "0777", "mtime": start, "obj": "k" + sid[:31],
+                         "summ": {"size": 1000, "files": 2, "symlinks": 0, "dirs": 1, "maxTime": start,
+                                  "numFailed": 0}},
+           "retentionReason": ["latest-1", "daily-1"]}
+    if incomplete:
+        out["incomplete"] = incomplete
+    return out

@@ -21,7 +21,7 @@ from core.names import etcd_snapshot_name, node_archive_name, starvault_snapshot
 from flows.files import restore_files_kopia, restore_files_velero
 from tests.fakekube.common import ExecResult
 from tests.helpers import REPO, make_bucket, needs_schemas
-from tests.kube_world import World
+from tests.kube_world import World, velero_kopia_snapshot
 from tests.test_restore import error_of
 
 TS = timestamp(datetime(2026, 11, 27, 4, 0, 5, tzinfo=timezone.utc))
@@ -194,24 +194,10 @@ def test_velero_bad_input_changes_nothing(world, tmp_path):
 
 # --- Kopia ------------------------------------------------------------------------------------
 
-def manifest(sid: str, uid: str, start: str) -> dict:
-    """One entry exactly as `kopia snapshot list --all --json` prints it for Velero's uploads."""
-    return {"id": sid, "source": {"host": "default", "userName": "default",
-                                  "path": f"/host_pods/{uid}/volumes/kubernetes.io~empty-dir/backup-volume"},
-            "description": "", "startTime": start, "endTime": start.replace(":05.", ":09."),
-            "tags": {"tag:backup": "control-plane-backup-20261127040000", "tag:volume": "backup-volume"},
-            "stats": {"totalSize": 1000, "excludedTotalSize": 0, "fileCount": 2, "cachedFiles": 0, "nonCachedFiles": 2,
-                      "dirCount": 1, "excludedFileCount": 0, "excludedDirCount": 0, "ignoredErrorCount": 0,
-                      "errorCount": 0},
-            "rootEntry": {"name": "backup-volume", "type": "d", "mode": "0777", "mtime": start,
-                          "obj": "k" + sid[:31], "summ": {"size": 1000, "files": 2, "symlinks": 0, "dirs": 1,
-                                                          "maxTime": start, "numFailed": 0}},
-            "retentionReason": ["latest-1", "daily-1"]}
-
-
-@pytest.fixture
-def kopia(tmp_path, monkeypatch):
-    """The stub on PATH, a repository of two points in time, the blocks the flow reads."""
+@pytest.fixture(params=["1.16", "1.18"])
+def kopia(tmp_path, monkeypatch, request):
+    """The stub on PATH, a repository of two points in time as Velero 1.16 and 1.18 write them,
+    the blocks the flow reads."""
     files = daemon_files(big=200_000)
     older = daemon_files(big=1000)
     state = {"bucket": "velero-bucket", "prefix": "kopia/nova-cluster-backup/", "endpoint": "127.0.0.1:9000",
@@ -224,8 +210,18 @@ def kopia(tmp_path, monkeypatch):
             d.mkdir(parents=True)
             for name, data in content[node].items():
                 (d / name).write_bytes(data)
-            state["snapshots"].append(manifest(sid, UIDS[node], when))
+            state["snapshots"].append(velero_kopia_snapshot(request.param, sid, f"nova-backup-daemon-{node}",
+                                                            UIDS[node], f"control-plane-backup-{when[:10]}", when))
             state["contents"][sid] = str(d)
+    # A newer upload that was cut off: kopia's JSON lists it (incomplete), restoring it would give
+    # half a set.
+    cut = tmp_path / "repo" / ("9cut" + "c" * 28)
+    cut.mkdir(parents=True)
+    (cut / "partial.bin").write_bytes(b"half")
+    state["snapshots"].append(velero_kopia_snapshot(request.param, cut.name, "nova-backup-daemon-master-1",
+                                                    UIDS["master-1"], "control-plane-backup-2026-11-28",
+                                                    "2026-11-28T04:00:05.1Z", incomplete="checkpoint"))
+    state["contents"][cut.name] = str(cut)
     (tmp_path / "state.json").write_text(json.dumps(state))
     monkeypatch.setenv("KOPIA_STUB_STATE", str(tmp_path / "state.json"))
     monkeypatch.setenv("PATH", f"{REPO / 'tests' / 'stubs'}:{os.environ['PATH']}")

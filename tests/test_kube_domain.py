@@ -98,10 +98,48 @@ def test_kopia_list_and_point_in_time():
 
 
 def test_sources_are_named_by_pod_then_by_archive():
-    path = json.loads(LIST)[0]["source"]["path"]
-    assert cf.pod_uid(path) == "11111111-2222-3333-4444-555555555555"
-    assert cf.name_source(path, {"11111111-2222-3333-4444-555555555555": "master-2"}, []) == "master-2"
-    assert cf.name_source(path, {}, ["m1_kubereresources_2026-11-27_040005.tar.gz"]) == "m1"
+    snap = cf.parse_kopia_snapshots(LIST)[0]  # kopia by hand: no tags, a 1.16-style path
+    assert snap.pod_uid == "11111111-2222-3333-4444-555555555555" and snap.pod is None
+    assert cf.name_source(snap, {"11111111-2222-3333-4444-555555555555": "master-2"}, []) == "master-2"
+    assert cf.name_source(snap, {}, ["m1_kubereresources_2026-11-27_040005.tar.gz"]) == "m1"
     with pytest.raises(NovaDRError, match="maps to no master"):
-        cf.name_source(path, {}, ["x.bin"])
+        cf.name_source(snap, {}, ["x.bin"])
     assert cf.flat_collisions({"p1": ["a", "b"], "p2": ["b"]}) == ["b (from p1 and p2)"]
+
+
+UID1, UID2 = "0000000a-aaaa-bbbb-cccc-00000000000a", "0000000b-aaaa-bbbb-cccc-00000000000b"
+
+
+@pytest.mark.parametrize("velero", ["1.16", "1.18"])
+def test_velero_snapshots_one_backup_is_one_point_named_by_its_tags(velero):
+    from tests.kube_world import velero_kopia_snapshot as snap
+
+    b1, b2, b3 = (f"control-plane-backup-2026112{d}040000" for d in (5, 6, 7))
+    listing = [
+        snap(velero, "p1", "daemon-aaaaa", UID1, b1, "2026-11-25T04:00:05.1Z"),
+        snap(velero, "p2", "daemon-bbbbb", UID2, b1, "2026-11-25T04:00:06.1Z"),
+        # the pods were recreated: new names, new UIDs, new sources
+        snap(velero, "q1", "daemon-ccccc", UID2[:-1] + "c", b2, "2026-11-26T04:00:05.1Z"),
+        snap(velero, "q2", "daemon-ddddd", UID2[:-1] + "d", b2, "2026-11-26T04:00:07.1Z"),
+        # the newest backup's uploads were cut off: kopia's JSON lists them all the same
+        snap(velero, "r1", "daemon-ccccc", UID2[:-1] + "c", b3, "2026-11-27T04:00:05.1Z", incomplete="checkpoint"),
+        snap(velero, "r2", "daemon-ddddd", UID2[:-1] + "d", b3, "2026-11-27T04:00:05.1Z", incomplete="canceled"),
+    ]
+    snaps = cf.parse_kopia_snapshots(json.dumps(listing))
+    chosen, notes = cf.choose_snapshots(snaps, None)
+    assert sorted(s.id for s in chosen.values()) == ["q1", "q2"]  # b2 whole; never b1's old pods, never b3
+    assert "skipped 2 incomplete snapshot(s)" in notes[0] and f"Velero backup {b2} (2 pod volumes" in notes[1]
+    # a point between b2's two snapshots: b2 had not finished starting, so b1
+    chosen, _ = cf.choose_snapshots(snaps, cf.parse_point("2026-11-26T04:00:06Z"))
+    assert sorted(s.id for s in chosen.values()) == ["p1", "p2"]
+    first = snaps[0]
+    assert (first.pod, first.pod_uid) == ("daemon-aaaaa", UID1)
+    assert cf.name_source(first, {UID1: "master-1"}, []) == "master-1"  # by the pod-uid tag
+    assert cf.name_source(first, {"daemon-aaaaa": "master-3"}, []) == "master-3"  # by the pod tag
+    untagged = json.loads(json.dumps(listing[0]))
+    untagged["tags"] = {}  # the path alone still names the pod, in either layout
+    s = cf.parse_kopia_snapshots(json.dumps([untagged]))[0]
+    assert (s.pod, s.pod_uid) == (("daemon-aaaaa", None) if velero == "1.18" else (None, UID1))
+    only_partial = cf.parse_kopia_snapshots(json.dumps(listing[4:]))
+    with pytest.raises(NovaDRError, match="no complete snapshots"):
+        cf.choose_snapshots(only_partial, None)
