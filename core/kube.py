@@ -106,17 +106,26 @@ def render_cronjob_kustomization(*, source_kind: str, source_name: str, source_n
                                   "target": {"kind": "CronJob", "name": CRONJOB}}]}}
 
 
+# Ready=False reasons that kustomize-controller retries by itself (a source not fetched yet, a
+# dependency not ready): not an answer yet. internal/controller/kustomization_controller.go.
+FLUX_RETRIED = ("ArtifactFailed", "DependencyNotReady")
+
+
 def kustomization_state(obj: dict) -> tuple[bool, bool, str]:
-    """(settled, ready, why). Settled only once Flux reported on this very generation."""
+    """(settled, ready, why). Settled once Flux reported on this very generation: the Ready
+    condition's own observedGeneration, as `flux` reads it. kustomize-controller writes it on
+    every outcome (fluxcd/pkg runtime/conditions), but moves status.observedGeneration only on
+    success, so waiting for that one turned every BuildFailed into a 10-minute timeout."""
     gen = obj["metadata"].get("generation")
     status = obj.get("status") or {}
     ready = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), None)
-    if ready is None or status.get("observedGeneration") != gen:
+    seen = None if ready is None else ready.get("observedGeneration", status.get("observedGeneration"))
+    if ready is None or seen != gen:
         return False, False, f"Flux has not reconciled generation {gen} yet"
     why = f"{ready.get('reason', '')}: {ready.get('message', '')}".strip(": ")
     if ready.get("status") == "True":
         return True, True, why
-    if ready.get("status") == "False":
+    if ready.get("status") == "False" and ready.get("reason") not in FLUX_RETRIED:
         return True, False, why
     return False, False, why or "reconciling"
 

@@ -45,8 +45,9 @@ class World:
                                                           "./releases/cluster-backup/cronjob/1-master")):
         def reconcile(verb, obj):
             meta = obj["metadata"]
-            if verb == "DELETED" or (obj.get("status") or {}).get("observedGeneration") == meta["generation"]:
-                return
+            ready = [c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == "Ready"]
+            if verb == "DELETED" or (ready and ready[0].get("observedGeneration") == meta["generation"]):
+                return  # this generation has its answer
             self.fake.later(0.1, lambda: self._flux(obj, good_paths))
 
         self.fake.react(FLUX, "kustomizations", reconcile)
@@ -55,8 +56,11 @@ class World:
         meta, spec = obj["metadata"], obj["spec"]
         ns, name = meta["namespace"], meta["name"]
         if spec["path"] not in good_paths:
+            # as kustomize-controller: the condition names this generation, status.observedGeneration
+            # stays where the last success left it
             self.fake.set_condition(FLUX, "kustomizations", ns, name, "Ready", "False", "BuildFailed",
-                                    f"kustomization path not found: {spec['path']}", meta["generation"])
+                                    f"kustomization path not found: {spec['path']}", meta["generation"],
+                                    status_observed=False)
             return
         schedule = spec["postBuild"]["substitute"]["BACKUP_SCHEDULE"]
         patch = yaml.safe_load(spec["patches"][0]["patch"])

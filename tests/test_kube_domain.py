@@ -25,8 +25,9 @@ def test_cron_refuses(expr, says):
         k.check_cron(expr)
 
 
-def _k(gen, observed, status=None, reason="", message=""):
-    conds = [] if status is None else [{"type": "Ready", "status": status, "reason": reason, "message": message}]
+def _k(gen, observed, status=None, reason="", message="", cond_gen=None):
+    conds = [] if status is None else [{"type": "Ready", "status": status, "reason": reason, "message": message,
+                                        "observedGeneration": observed if cond_gen is None else cond_gen}]
     return {"metadata": {"generation": gen}, "status": {"observedGeneration": observed, "conditions": conds}}
 
 
@@ -34,8 +35,18 @@ def test_kustomization_ready_counts_only_for_its_generation():
     assert k.kustomization_state(_k(2, 1, "True", "ReconciliationSucceeded")) == (
         False, False, "Flux has not reconciled generation 2 yet")
     assert k.kustomization_state(_k(2, 2, "True", "ReconciliationSucceeded", "Applied"))[:2] == (True, True)
-    assert k.kustomization_state(_k(2, 2, "False", "BuildFailed", "no path")) == (True, False, "BuildFailed: no path")
     assert k.kustomization_state(_k(2, 2, "Unknown", "Progressing", "running"))[:2] == (False, False)
+    # A failed build, as kustomize-controller writes it: the condition is about generation 2,
+    # status.observedGeneration still at 1 (the last success). Settled, with Flux's reason.
+    assert k.kustomization_state(_k(2, 1, "False", "BuildFailed", "no path", cond_gen=2)) == (
+        True, False, "BuildFailed: no path")
+    # ...but a source Flux has not fetched yet is retried by Flux: not an answer
+    assert k.kustomization_state(_k(2, 1, "False", "ArtifactFailed", "Source not found", cond_gen=2)) == (
+        False, False, "ArtifactFailed: Source not found")
+    # a condition without its own generation (old Flux): status.observedGeneration decides
+    old = _k(2, 2, "True", "ReconciliationSucceeded")
+    del old["status"]["conditions"][0]["observedGeneration"]
+    assert k.kustomization_state(old)[:2] == (True, True)
 
 
 def test_velero_phases():

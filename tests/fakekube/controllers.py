@@ -40,14 +40,18 @@ class ControllerMixin:
             return self.put(obj, manager="controller")
 
     def set_condition(self, group: str, plural: str, namespace: str, name: str, type_: str, status: str,
-                      reason: str = "", message: str = "", observed_generation: int | None = None):
+                      reason: str = "", message: str = "", observed_generation: int | None = None,
+                      status_observed: bool = True):
+        """The condition carries the generation it is about; status.observedGeneration moves
+        too only with status_observed (kustomize-controller moves it on success only)."""
         with self._lock:
             obj = self.get(group, plural, namespace, name)
             gen = obj["metadata"].get("generation", 1) if observed_generation is None else observed_generation
             conds = [c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] != type_]
             conds.append({"type": type_, "status": status, "reason": reason or type_, "message": message,
                           "lastTransitionTime": _now(), "observedGeneration": gen})
-            return self.set_status(group, plural, namespace, name, conditions=conds, observedGeneration=gen)
+            more = {"observedGeneration": gen} if status_observed else {}
+            return self.set_status(group, plural, namespace, name, conditions=conds, **more)
 
     def make_pods(self, owner: dict, nodes: list[str], phase: str = "Running",
                   name_fn: Callable[[int, str], str] | None = None) -> list[dict]:
