@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 
 import yaml
 
@@ -227,8 +228,21 @@ def rollout_state(dep: dict) -> tuple[bool, str]:
     return True, f"{avail} of {want} replicas updated and available"
 
 
-def bsl_state(obj: dict) -> tuple[bool, bool, str]:
+def bsl_state(obj: dict, applied_at: datetime | None = None, previous: str | None = None) -> tuple[bool, bool, str]:
+    """(settled, ok, why). With applied_at, only a validation after it counts: the CRD has no
+    status subresource, and until Velero validates again (on a spec change, then every
+    validationFrequency: velero pkg/controller/backup_storage_location_controller.go) the
+    object keeps the phase of its old spec. lastValidationTime has whole seconds."""
     st = obj.get("status") or {}
+    if applied_at is not None:
+        lvt = st.get("lastValidationTime")
+        try:
+            seen = datetime.fromisoformat(lvt.replace("Z", "+00:00")) if isinstance(lvt, str) else None
+        except ValueError:
+            seen = None
+        if seen is None or lvt == previous or seen < applied_at.replace(microsecond=0):
+            return False, False, (f"Velero has not validated it since the apply (last validation: {lvt or 'never'}; "
+                                  "it validates on a spec change, then every validationFrequency, default 1m)")
     phase = st.get("phase")
     if phase == "Available":
         return True, True, "Available"

@@ -4,6 +4,7 @@ API and its bucket through boto3; no `velero` or `kubectl` binary."""
 from __future__ import annotations
 
 import secrets
+import time
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -112,10 +113,18 @@ def setup_data_protection(
                        lambda: k.rollout_state(api.read("Deployment", k.BACKUP_NS, "velero")),
                        timeout_minutes * 60, poll_seconds)
         rows.append(["velero rollout", why])
+    before = api.get_cr(k.VELERO, "backupstoragelocations", k.BACKUP_NS, bsl_name) or {}
+    previous = (before.get("status") or {}).get("lastValidationTime")
+    if previous and previous >= datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"):
+        # validated this very second: wait for the next, or its validation of our spec would
+        # carry the same whole-second time as the old one
+        time.sleep(1.05 - datetime.now(timezone.utc).microsecond / 1e6)
+    applied_at = datetime.now(timezone.utc)
     api.apply_cr(k.VELERO, "backupstoragelocations", bsl, force=True)
 
-    def bsl_probe():
-        settled, ok, why = k.bsl_state(api.get_cr(k.VELERO, "backupstoragelocations", k.BACKUP_NS, bsl_name))
+    def bsl_probe():  # the old phase says nothing of the new bucket or keys
+        settled, ok, why = k.bsl_state(api.get_cr(k.VELERO, "backupstoragelocations", k.BACKUP_NS, bsl_name),
+                                       applied_at, previous)
         return settled and ok, why
 
     try:

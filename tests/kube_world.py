@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import tarfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import boto3
@@ -38,6 +39,8 @@ class World:
             fake.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         self.backup_outcome: dict = {"phase": "Completed"}  # what "Velero" makes of the next Backup
         self.restore_outcome: dict = {"phase": "Completed"}
+        self._bsl_specs: dict = {}  # the spec each BSL was last validated for
+        self.unreachable_buckets: set[str] = set()  # buckets this "Velero" cannot reach
 
     # --- Flux --------------------------------------------------------------------------------
 
@@ -118,19 +121,30 @@ class World:
         self.fake.react("velero.io", "schedules", self._schedule)
 
     def _bsl(self, verb, obj):
-        if verb == "DELETED" or (obj.get("status") or {}).get("phase"):
+        """As Velero's BSL controller: validate on create and on every spec change (its
+        SpecChangePredicate), writing phase, message and lastValidationTime (whole seconds);
+        a status-only write starts nothing. Its periodic re-validation is not modelled."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        spec = json.dumps(obj["spec"], sort_keys=True)
+        if verb == "DELETED" or self._bsl_specs.get((ns, name)) == spec:
             return
+        self._bsl_specs[(ns, name)] = spec
         bucket = obj["spec"]["objectStorage"]["bucket"]
 
         def validate():
             try:
+                if bucket in self.unreachable_buckets:
+                    raise ConnectionError(bucket)
                 self.s3.head_bucket(Bucket=bucket)
                 status = {"phase": "Available"}
             except Exception:
-                status = {"phase": "Unavailable", "message": f"BackupStorageLocation \"default\" is unavailable: "
+                status = {"phase": "Unavailable", "message": f"BackupStorageLocation \"{name}\" is unavailable: "
                                                              f"rpc error: bucket {bucket} not found"}
-            self.fake.set_status("velero.io", "backupstoragelocations", obj["metadata"]["namespace"],
-                                 obj["metadata"]["name"], **status)
+            cur = self.fake.get("velero.io", "backupstoragelocations", ns, name)
+            st = {k: v for k, v in (cur.get("status") or {}).items() if k != "message"}  # omitempty: cleared
+            cur["status"] = {**st, **status, "lastValidationTime": datetime.now(timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ")}
+            self.fake.put(cur, manager="velero")
 
         self.fake.later(0.1, validate)
 

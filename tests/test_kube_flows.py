@@ -185,6 +185,18 @@ def test_setup_reports_an_unavailable_location(world):
     assert "Unavailable: BackupStorageLocation \"default\" is unavailable" in err
 
 
+def test_a_location_reapplied_with_a_bucket_velero_cannot_reach_is_not_read_as_available(world):
+    """Re-applied, the BSL keeps its old Available until Velero validates the new spec."""
+    world.act_as_velero()
+    kw = dict(kube=str(world.kubeconfig), s3_block="s3-velero", auto_approve=True, poll_seconds=0.2)
+    assert setup_data_protection(bucket=world.bucket, **kw)["BackupStorageLocation default"] == "Available"
+    other = f"{world.bucket}-moved"
+    make_bucket(world.endpoint, other)  # we can reach it; Velero cannot
+    world.unreachable_buckets.add(other)
+    err = error_of(setup_data_protection(bucket=other, timeout_minutes=0.05, return_state=True, **kw))
+    assert "Unavailable: BackupStorageLocation \"default\" is unavailable: rpc error: bucket " + other in err
+
+
 # --- velero-backup ------------------------------------------------------------------------------
 
 def _bsl(world):
