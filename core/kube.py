@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 
@@ -249,3 +250,24 @@ def bsl_state(obj: dict, applied_at: datetime | None = None, previous: str | Non
     if phase == "Unavailable":
         return True, False, f"Unavailable: {st.get('message') or 'no message from Velero'}"
     return False, False, phase or "not validated yet"
+
+
+def exec_exit_code(status: str | bytes) -> int:
+    """The exit code in an exec's final Status (channel 3). The kubelet sends Success, or
+    NonZeroExitCode with an ExitCode cause; anything else (a missing binary, an OCI runtime
+    error, a container gone) is an InternalError whose cause is text, where the Python
+    client's `returncode` raises ValueError (kubernetes ws_client.py; the kubelet's
+    cri/streaming/remotecommand/exec.go ServeExec). ValueError here carries the message."""
+    try:
+        st = json.loads(status or b"{}")
+    except ValueError:
+        raise ValueError(f"an unreadable status: {status[:200]!r}") from None
+    if not isinstance(st, dict) or not st:
+        raise ValueError("the exec ended without a status (the connection was lost)")
+    if st.get("status") == "Success":
+        return 0
+    if st.get("reason") == "NonZeroExitCode":
+        for cause in (st.get("details") or {}).get("causes") or []:
+            if cause.get("reason") == "ExitCode" or cause.get("type") == "ExitCode":
+                return int(cause["message"])
+    raise ValueError(st.get("message") or st.get("reason") or "failed without a message")

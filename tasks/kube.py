@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import BinaryIO, Callable
 
 from core.errors import NovaDRError
-from core.kube import FIELD_MANAGER
+from core.kube import FIELD_MANAGER, exec_exit_code
 
 
 class KubeError(NovaDRError):
@@ -139,9 +139,15 @@ class Kube:
     def exec_to(self, ns: str, pod: str, container: str, command: list[str], sink: BinaryIO,
                 timeout: float = 3600) -> tuple[int, str]:
         """Run command in the container; its stdout goes to sink byte for byte (binary mode:
-        in text mode the client decodes and corrupts binary data). Returns (exit code, stderr)."""
+        in text mode the client decodes and corrupts binary data). Returns (exit code, stderr).
+
+        The frames are read here, not with the client's update()/read_stdout(): update() takes
+        every frame already waiting, appending each to one bytes object (and, with
+        capture_all, to a second copy), so while the pod sends faster than we write, all of
+        it piles up in memory, copied again per frame (kubernetes ws_client.py, 37.0)."""
         from kubernetes import client
         from kubernetes.stream import stream
+        from websocket import ABNF, WebSocketTimeoutException
 
         what = f"exec in pod {ns}/{pod} container {container}"
         # stream() swaps the ApiClient's call_api while it connects: with a shared client, exec in
@@ -150,22 +156,34 @@ class Kube:
         ws = self.call(what, stream, core.connect_get_namespaced_pod_exec, pod, ns, command=command,
                        container=container, stderr=True, stdin=False, stdout=True, tty=False, binary=True,
                        _preload_content=False, raw=True)
-        err = b""
+        err, status = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
         try:
-            while ws.is_open():
+            ws.sock.settimeout(5)
+            while True:
                 if time.monotonic() > deadline:
                     raise KubeError(f"{what}: {' '.join(command)} did not finish within {timeout:.0f} s")
-                ws.update(timeout=5)
-                if ws.peek_stdout():
-                    sink.write(ws.read_stdout(timeout=0))
-                if ws.peek_stderr():
-                    err += ws.read_stderr(timeout=0)
-            if ws.peek_stdout():
-                sink.write(ws.read_stdout(timeout=0))
-            if ws.peek_stderr():
-                err += ws.read_stderr(timeout=0)
-            return ws.returncode, err.decode(errors="replace")
+                try:
+                    op, frame = ws.sock.recv_data_frame(True)
+                except WebSocketTimeoutException:
+                    continue
+                if op == ABNF.OPCODE_CLOSE:
+                    break
+                data = frame.data if op in (ABNF.OPCODE_BINARY, ABNF.OPCODE_TEXT) else b""
+                if not data:
+                    continue
+                channel, data = data[0], data[1:]
+                if channel == 1:
+                    sink.write(data)
+                elif channel == 2:
+                    err += data[: max(0, 65536 - len(err))]  # enough to explain a failure
+                elif channel == 3:
+                    status += data  # 255 (v5: a channel closed) needs nothing here
+            try:  # not ws.returncode: it int()s whatever the status's first cause says
+                code = exec_exit_code(bytes(status))
+            except ValueError as why:
+                raise KubeError(f"{what}: {' '.join(command)} could not run: {why}") from None
+            return code, err.decode(errors="replace")
         finally:
             ws.close()
 

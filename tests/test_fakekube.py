@@ -282,6 +282,57 @@ def test_exec_returns_binary_bytes_intact_over_v5_and_v4(api, fake_kube):
     assert (out == payload, code, proto) == (True, 0, V4)
     with pytest.raises(ApiException):
         run(["true"], container="nope")
+    # a binary the image lacks: the kubelet's InternalError, whose text the client int()s
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        run(["no-such-binary"])
+
+
+def _pod(api, fake_kube):
+    client.CoreV1Api(api).create_namespaced_pod("ns1", {"metadata": {"name": "p"}, "spec": {"containers": [
+        {"name": "backup-daemon", "image": "i"}]}})
+    fake_kube.set_status("", "pods", "ns1", "p", phase="Running")
+
+
+def test_exec_to_names_a_command_that_could_not_run_and_passes_exit_codes(api, fake_kube, tmp_path):
+    from tasks.kube import Kube, KubeError
+
+    _pod(api, fake_kube)
+    fake_kube.on_exec(lambda pod, c, cmd: ExecResult(b"out", b"no\n", exit_code=2) if cmd == ["false"] else None)
+    kube = Kube(api)
+    with open(tmp_path / "sink", "wb") as sink:
+        assert kube.exec_to("ns1", "p", "backup-daemon", ["false"], sink) == (2, "no\n")
+        with pytest.raises(KubeError) as err:
+            kube.exec_to("ns1", "p", "backup-daemon", ["tar", "cf", "-"], sink)
+    assert str(err.value).startswith("exec in pod ns1/p container backup-daemon: tar cf - could not run: Internal "
+                                     "error occurred: error executing command in container: failed to exec")
+    assert 'exec: "tar": executable file not found in $PATH' in str(err.value)
+
+
+def _rss(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(field)
+
+
+def test_exec_to_streams_without_keeping_a_copy(api, fake_kube, tmp_path):
+    """Read with the client's update()/read_stdout(), 256 MiB from a pod that sends faster than
+    we write raised peak RSS by 520 MiB (every waiting frame appended to one buffer, and a
+    capture_all copy) and took 500 s (each append copies). Peak RSS is reset first
+    (clear_refs 5), so earlier tests do not count."""
+    from tasks.kube import Kube
+
+    _pod(api, fake_kube)
+    chunk, n = os.urandom(1 << 20), 256
+    fake_kube.on_exec(lambda pod, c, cmd: ExecResult(stdout=(chunk for _ in range(n))))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss("VmRSS")
+    with open(tmp_path / "sink", "wb") as sink:
+        assert Kube(api).exec_to("ns1", "p", "backup-daemon", ["tar", "cf", "-"], sink) == (0, "")
+    assert (tmp_path / "sink").stat().st_size == n << 20
+    grew = _rss("VmHWM") - base
+    assert grew < 96 << 20, f"peak RSS grew {grew >> 20} MiB while copying {n} MiB"
 
 
 def test_controller_helpers_and_garbage_collection(api, fake_kube):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -20,9 +21,10 @@ class ApiError(Exception):
 
 @dataclass
 class ExecResult:
-    stdout: bytes = b""
+    stdout: bytes | Iterable[bytes] = b""  # an iterable streams (a few hundred MB need not be held)
     stderr: bytes = b""
     exit_code: int = 0
+    internal_error: str | None = None  # the command never ran: the kubelet's InternalError status
 
 
 def _now() -> str:

@@ -1,5 +1,9 @@
 """Pod exec over the channel websocket protocol the client speaks: v5.channel.k8s.io, falling
-back to v4 (channel 0 stdin, 1 stdout, 2 stderr, 3 the final status with the exit code)."""
+back to v4 (channel 0 stdin, 1 stdout, 2 stderr, 3 the final status). The status is what the
+kubelet writes (kubernetes pkg/kubelet/cri/streaming/remotecommand/exec.go ServeExec, 1.30):
+Success; NonZeroExitCode with an ExitCode cause; or, when the command never ran (no such
+binary, an OCI runtime error), apierrors.NewInternalError: reason InternalError, code 500, the
+error text as the cause's message."""
 
 from __future__ import annotations
 
@@ -37,12 +41,20 @@ class ExecMixin:
             result = handler(copy.deepcopy(pod), container, command)
             if result is not None:
                 break
-        if result is None:
-            result = ExecResult(b"", f"fake: nothing registered for {command}\n".encode(), 126)
-        for channel, data in ((1, result.stdout), (2, result.stderr)):
-            for i in range(0, len(data), 32 << 10):
-                await ws.send_bytes(bytes([channel]) + data[i:i + (32 << 10)])
-        if result.exit_code == 0:
+        if result is None:  # what containerd/runc answer for a binary the image does not have
+            result = ExecResult(internal_error=f'failed to exec in container: failed to start exec "{name}": OCI '
+                                f'runtime exec failed: exec failed: unable to start container process: exec: '
+                                f'"{command[0] if command else ""}": executable file not found in $PATH: unknown')
+        out = [result.stdout] if isinstance(result.stdout, bytes) else result.stdout
+        for channel, parts in ((1, out), (2, [result.stderr])):
+            for data in parts:
+                for i in range(0, len(data), 32 << 10):
+                    await ws.send_bytes(bytes([channel]) + data[i:i + (32 << 10)])
+        if result.internal_error:
+            err = f"error executing command in container: {result.internal_error}"
+            status = {"metadata": {}, "status": "Failure", "message": f"Internal error occurred: {err}",
+                      "reason": "InternalError", "details": {"causes": [{"message": err}]}, "code": 500}
+        elif result.exit_code == 0:
             status = {"metadata": {}, "status": "Success"}
         else:
             status = {"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
