@@ -74,6 +74,7 @@ def setup_data_protection(
     if rotate_password:
         if api.read("Deployment", k.BACKUP_NS, "velero") is None:
             raise NovaDRError(f"deployment {k.BACKUP_NS}/velero does not exist; nothing was changed")
+        starvault.kv2_read(vault, KV_MOUNT, KV_PATH)  # readable, not soft-deleted: before anything is applied
         found = existing_backups(api, store)
         if found and not force_rotation:
             raise NovaDRError("refusing to rotate the Kopia repository password: backups already exist ("

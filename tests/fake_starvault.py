@@ -1,5 +1,8 @@
 """A fake StarVault KV v2 endpoint (StarVault is Vault-like and cannot run here): the
-repository password's secret, with versions and check-and-set, over real HTTP."""
+repository password's secret, with versions and check-and-set, over real HTTP. A soft-deleted
+newest version reads as Vault's kv plugin answers it (vault-plugin-secrets-kv path_data.go,
+handleDataRead): 404, and the body still carries data.metadata with its version and
+deletion_time, data.data null."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ class KV:
         self.token = "s." + secrets.token_hex(8)
         self.versions: list[dict] = []  # what was written, oldest first
         self.initial = {"repository_password": "static-passw0rd", "other": "kept"}
+        self.deleted = False  # the newest version soft-deleted (`vault kv delete`)
 
     def start(self) -> "KV":
         kv = self
@@ -43,7 +47,12 @@ class KV:
             def do_GET(self):
                 if self._allowed():
                     data = kv.versions[-1] if kv.versions else kv.initial
-                    self._reply(200, {"data": {"data": data, "metadata": {"version": len(kv.versions) + 1}}})
+                    meta = {"version": len(kv.versions) + 1, "destroyed": False,
+                            "deletion_time": "2026-11-30T10:00:00.0Z" if kv.deleted else ""}
+                    if kv.deleted:
+                        self._reply(404, {"data": {"data": None, "metadata": meta}})
+                    else:
+                        self._reply(200, {"data": {"data": data, "metadata": meta}})
 
             def do_POST(self):
                 if not self._allowed():

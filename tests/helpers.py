@@ -178,3 +178,27 @@ def kube_client(fake):
     from kubernetes import config
 
     return config.new_client_from_config_dict(fake.kubeconfig())
+
+
+def raft_snapshot_bytes(state: bytes, damage: str | None = None) -> bytes:
+    """A StarVault/Vault raft snapshot as /v1/sys/storage/raft/snapshot sends it: a gzip tar of
+    meta.json, state.bin and SHA256SUMS (hashicorp/raft-snapshot archive.go). damage:
+    "sums" (a wrong digest), "no-sums" (SHA256SUMS left out)."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    meta = b'{"Version":1,"ID":"2-4201-1764129600000","Index":4201,"Term":2,"Size":%d}' % len(state)
+    parts = {"meta.json": meta, "state.bin": state}
+    sums = "".join(f"{hashlib.sha256(b'x' if damage == 'sums' and n == 'state.bin' else d).hexdigest()}  {n}\n"
+                   for n, d in parts.items()).encode()
+    if damage != "no-sums":
+        parts["SHA256SUMS"] = sums
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for n, d in parts.items():
+            info = tarfile.TarInfo(n)
+            info.size = len(d)
+            tar.addfile(info, io.BytesIO(d))
+    return gzip.compress(buf.getvalue())

@@ -24,10 +24,10 @@ from lab.lab import etcd_bin_dir
 from tasks.remote import connect
 from tasks.storage import open_store
 from core.signing import open_manifest
-from tests.helpers import keys_on, make_bucket, put_keys, signer
+from tests.helpers import keys_on, make_bucket, put_keys, raft_snapshot_bytes, signer
 from tests.test_restore import assert_restored, error_of
 
-RAFT = os.urandom(300_000)
+RAFT = raft_snapshot_bytes(os.urandom(300_000))
 TOKEN = "s.nova-test-token"
 BAD_TOKEN = "s.nova-refused-token-5c1e"  # what the sv-bad block sends: the secret a refusal must not show
 
@@ -35,6 +35,7 @@ BAD_TOKEN = "s.nova-refused-token-5c1e"  # what the sv-bad block sends: the secr
 class _StarVault(BaseHTTPRequestHandler):
     tokens: list[str] = []  # every token it was sent
     stall: threading.Event | None = None  # set: a request waits for it before it is answered
+    body: bytes | None = None  # set: sent instead of a good snapshot (a cut-off or damaged one)
 
     def do_GET(self):
         self.tokens.append(self.headers.get("X-Vault-Token", ""))
@@ -47,9 +48,10 @@ class _StarVault(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(RAFT)))
+            body = RAFT if self.body is None else self.body
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(RAFT)
+            self.wfile.write(body)
 
     def log_message(self, *a):
         pass
@@ -195,6 +197,17 @@ def test_faults_write_no_manifest(lab3, lab_s3, starvault, tmp_path):
     assert not list(store.glob("nova-dr-manifest_*"))
     state = backup_master_nodes(inventory=inv, store=str(store), return_state=True)
     assert "no starvault_block is given" in error_of(state)
+    # an HTTP 200 whose snapshot is cut off, or whose SHA256SUMS disagrees: not stored
+    for body, says in ((RAFT[:len(RAFT) // 2], "not a complete raft snapshot"),
+                       (raft_snapshot_bytes(b"state", damage="sums"), "sha256 of state.bin differs")):
+        _StarVault.body = body
+        try:
+            state = backup_master_nodes(inventory=inv, store=str(store), starvault_block=starvault,
+                                        return_state=True)
+        finally:
+            _StarVault.body = None
+        assert "the raft snapshot it sent is unusable" in error_of(state) and says in error_of(state)
+        assert not list(store.glob("starvault_snapshot_*")) and not list(store.glob("nova-dr-manifest_*"))
 
     manifests = lambda: {f.name for f in open_store(lab_s3).list() if f.name.startswith("nova-dr-manifest_")}  # noqa: E731
     before = manifests()

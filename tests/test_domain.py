@@ -358,3 +358,23 @@ def test_a_resume_lists_what_it_skips_and_refuses_a_member_running_again():
     assert len(refusals) == 1 and refusals[0].startswith("stop-etcd@etcd2:") and "runs again" in refusals[0]
     # once its data was swapped, a running etcd2 is what the plan expects (killed during the starts)
     assert resume_notes(plan, {**done, "swap-data@etcd2": "T3"}, facts("etcd2"))[1] == []
+
+
+def test_a_raft_snapshot_is_checked_against_its_own_sha256sums(tmp_path):
+    from core.raft_snapshot import check_raft_snapshot
+    from tests.helpers import raft_snapshot_bytes
+
+    good = tmp_path / "good.snap"
+    good.write_bytes(raft_snapshot_bytes(b"raft state" * 1000))
+    assert set(check_raft_snapshot(good)) == {"meta.json", "state.bin"}
+    for name, body, says in [
+        ("cut", good.read_bytes()[:-40], "not a complete raft snapshot"),
+        ("sums", raft_snapshot_bytes(b"s", damage="sums"), "sha256 of state.bin differs from its SHA256SUMS"),
+        ("nosums", raft_snapshot_bytes(b"s", damage="no-sums"), "no meta.json, state.bin in SHA256SUMS"),
+        ("error", good.read_bytes() + b'{"errors":["context canceled"]}', "not a complete raft snapshot"),
+        ("html", b"<html>502 Bad Gateway</html>", "not a complete raft snapshot"),
+    ]:
+        p = tmp_path / f"{name}.snap"
+        p.write_bytes(body)
+        with pytest.raises(SnapshotError, match=says):
+            check_raft_snapshot(p)

@@ -165,6 +165,14 @@ def test_setup_bad_input(world, vault):
                                          starvault_block=vault.block, return_state=True))
     assert "refusing to rotate" in err and "Kopia repository" in err
     assert vault.versions == [] and world.fake.list("", "secrets") == []
+    # the secret's newest version soft-deleted: said so (once a cas=0 write and a wrong story)
+    world.s3.delete_object(Bucket=world.bucket, Key="kopia/nova-cluster-backup/kopia.repository.f")
+    vault.deleted = True
+    err = error_of(setup_data_protection(**kw, s3_block="s3-velero", bucket=world.bucket, rotate_password=True,
+                                         starvault_block=vault.block, return_state=True))
+    assert "the newest version (1) of nova-secrets/credentials/nova-velero is deleted" in err
+    assert "vault kv undelete -mount=nova-secrets -versions=1 credentials/nova-velero" in err
+    assert vault.versions == [] and world.fake.list("", "secrets") == []  # refused before anything
 
 
 def test_setup_reports_an_unavailable_location(world):
