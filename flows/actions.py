@@ -179,6 +179,16 @@ def verify_members(run: Run, step: Step, up: dict) -> dict:
     return {"rows": rows}
 
 
+def not_converged(run: Run, masters, rows: list[dict]) -> list[str]:
+    """Converged: on a second reading every member has applied at least what the most advanced
+    one had applied on the first. Exact equality needs an idle cluster, and with etcd auth on
+    no cluster is idle while we look: each etcdctl call's Authenticate is a raft entry."""
+    ahead = max(r["applied_index"] for r in rows)
+    again = {s.member_id: s.raft_applied_index for s in _statuses(run, masters)}
+    behind = [f"{r['member']}={again.get(r['_id'], '?')}" for r in rows if again.get(r["_id"], -1) < ahead]
+    return [f"applied index not converged (highest was {ahead}): {', '.join(behind)}"] if behind else []
+
+
 def read_status_rows(run: Run, masters) -> tuple[list[dict], list[str]]:
     """Each member's own endpoint status, as rows; the members that did not answer."""
     def read(m):
@@ -214,13 +224,7 @@ def _verify_once(run: Run, names: list[str], with_hashkv: bool) -> tuple[list[di
         problems.append(f"{sum(r['leader'] for r in rows)} leaders")
     if len({r["raft_term"] for r in rows}) > 1:
         problems.append("raft term differs: " + ", ".join(f"{r['member']}={r['raft_term']}" for r in rows))
-    # Converged: on a second reading every member has applied at least what the most advanced
-    # one had applied on the first (exact equality needs an idle cluster).
-    ahead = max(r["applied_index"] for r in rows)
-    again = {s.member_id: s.raft_applied_index for s in _statuses(run, masters)}
-    behind = [f"{r['member']}={again.get(r['_id'], '?')}" for r in rows if again.get(r["_id"], -1) < ahead]
-    if behind:
-        problems.append(f"applied index not converged (highest was {ahead}): {', '.join(behind)}")
+    problems += not_converged(run, masters, rows)
     if with_hashkv:
         rev = min(r["revision"] for r in rows)
 

@@ -23,7 +23,7 @@ from core.restore_plan import FOLLOW_UPS, build_restore_plan
 from core.snapshot import SnapshotCheck, prepare_snapshot
 from flows import machinery as mc
 from core.etcd import revision_after_restore, summarize_log, work_timeout
-from flows.actions import on, quarantine_name, read_status_rows, stop_etcd
+from flows.actions import not_converged, on, quarantine_name, read_status_rows, stop_etcd
 from flows.machinery import Run
 from flows.lock import cluster_lock
 from tasks import datadir, etcd, service
@@ -152,11 +152,12 @@ def verify_once(run: Run, expected_revision: int) -> tuple[list[dict], list[str]
         r["hashkv"] = etcd.read_hashkv(conn, m, env, rev).hash
         r["live_keys"] = etcd.count_live_keys(conn, m, env)
 
+    problems += not_converged(run, cluster.masters, rows)
     mc.each_master(rows, hash_and_count)
     leaders = [r["member"] for r in rows if r["leader"]]
     if len(leaders) != 1:
         problems.append(f"{len(leaders)} leaders ({', '.join(leaders) or 'none'})")
-    for key in ("raft_term", "applied_index", "hashkv", "live_keys", "revision"):
+    for key in ("raft_term", "hashkv", "live_keys", "revision"):
         if len({r[key] for r in rows}) > 1:
             problems.append(f"{key} differs: " + ", ".join(f"{r['member']}={r[key]}" for r in rows))
     if rev < expected_revision:

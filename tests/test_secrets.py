@@ -78,3 +78,81 @@ def test_etcd_password_never_shows_in_a_process_list_on_any_master(tmp_path):
         assert not leaks, leaks[:3]
     finally:
         lab.destroy()
+
+
+def _secret_line(key_file: Path) -> str:
+    """A line from the middle of a private key's body: what any leak of the key would carry."""
+    body = [ln for ln in key_file.read_text().splitlines() if ln and not ln.startswith("-----")]
+    return body[len(body) // 2]
+
+
+def test_no_secret_in_any_record_checkpoint_error_or_process_list(tmp_path):
+    """A backup to S3 (encrypted, signed, with StarVault) and a restore from it, as the non-root
+    operator with a sudo password and etcd auth on. Every secret they use is then looked for
+    in what Prefect keeps of the runs (parameters, logs, artifacts, state messages), in the
+    checkpoints, in a failed run's error, and in every command line seen while they worked."""
+    import os
+    import uuid
+    from http.server import ThreadingHTTPServer
+
+    from blocks.storage import S3Credentials, StarVaultCredentials
+    from flows.machinery import state_dir
+    from flows.restore import restore_etcd_cluster
+    from tests.helpers import ROOT, make_bucket, put_keys, run_record
+    from tests.test_backup import TOKEN, _StarVault
+    from tests.test_encryption import inventory_with, keypair
+
+    lab = make_lab(3, sudo_password=True, real_hosts=True)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _StarVault)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        put_keys(lab, "/registry/pods/p", 50)
+        for args in (["user", "add", f"root:{PASSWORD}"], ["user", "grant-role", "root", "root"], ["auth", "enable"]):
+            lab.etcdctl(*args)
+        for m in lab.masters():
+            lab.in_master(m.member, "sh", "-c", f"printf 'ETCDCTL_USER=root\\nETCDCTL_PASSWORD={PASSWORD}\\n' "
+                                                ">> /etc/etcd.env")
+        s3_secret = f"S3-secret-{uuid.uuid4().hex}"
+        endpoint = lab.state()["s3"]["endpoint"]
+        bucket = f"scan-{uuid.uuid4().hex[:8]}"
+        make_bucket(endpoint, bucket)
+        S3Credentials(endpoint_url=endpoint, access_key_id="nova-scan", secret_access_key=s3_secret).save(
+            "s3-scan", overwrite=True)
+        StarVaultCredentials(address=f"http://127.0.0.1:{srv.server_address[1]}", token=TOKEN).save(
+            "sv-scan", overwrite=True)
+        pub, key = keypair("age-scan")
+        keypair("age-stranger-scan")
+        inv = inventory_with(lab, [pub])
+        secrets = {"ssh key": _secret_line(lab.dir / "ssh" / "id_ed25519"),
+                   "signing key": _secret_line(ROOT / "signing" / "id_ed25519"),
+                   "sudo password": (lab.dir / "sudo-password").read_text().strip(), "etcd password": PASSWORD,
+                   "S3 secret key": s3_secret, "StarVault token": TOKEN,
+                   "age identity": next(ln for ln in key.read_text().splitlines() if ln.startswith("AGE-SECRET"))}
+        store = f"s3://{bucket}/lab"
+        with _Sampler() as ps:
+            backup = backup_master_nodes(inventory=inv, store=store, s3_block="s3-scan", starvault_block="sv-scan",
+                                         encrypt_etcd_snapshot=True, return_state=True)
+            assert backup.is_completed(), error_of(backup)
+            lab.break_member("etcd1", "corrupt")
+            failed = restore_etcd_cluster(inventory=inv, store=store, s3_block="s3-scan",
+                                          identity_block="age-stranger-scan", auto_approve=True, return_state=True)
+            assert "cannot decrypt" in error_of(failed)
+            restore = restore_etcd_cluster(inventory=inv, store=store, s3_block="s3-scan", identity_block="age-scan",
+                                           auto_approve=True, return_state=True)
+            assert restore.is_completed(), error_of(restore)
+        assert any("etcdctl" in c for c in ps.seen) and any("sudo" in c for c in ps.seen), "the sampler saw nothing"
+        places = {"process list": "\n".join(ps.seen), "failed run's error": error_of(failed)}
+        for name, state in (("backup", backup), ("failed restore", failed), ("restore", restore)):
+            places[f"{name}: parameters, logs, artifacts, state"] = (
+                run_record(str(state.state_details.flow_run_id)) + str(state.message))
+        checkpoints = []
+        for d, _, names in os.walk(state_dir()):
+            for n in names:
+                checkpoints.append(Path(d, n).read_bytes().decode(errors="replace"))
+        assert checkpoints, "no checkpoint was written: the scan of them proves nothing"
+        places["checkpoints"] = "\n".join(checkpoints)
+        leaks = [f"{what} in {where}" for where, text in places.items() for what, s in secrets.items() if s in text]
+        assert not leaks, leaks
+    finally:
+        srv.shutdown()
+        lab.destroy()
