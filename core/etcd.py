@@ -33,6 +33,7 @@ class EndpointStatus(_M):
     raft_applied_index: int
     db_size: int
     version: str
+    db_size_in_use: int = 0  # what defragmentation would keep
 
     @property
     def is_leader(self) -> bool:
@@ -93,7 +94,7 @@ def parse_endpoint_status(text: str) -> list[EndpointStatus]:
             endpoint=e["Endpoint"], member_id=int(s["header"]["member_id"]), leader_id=int(s.get("leader", 0)),
             revision=int(s["header"].get("revision", 0)), raft_term=int(s.get("raftTerm", 0)),
             raft_index=int(s.get("raftIndex", 0)), raft_applied_index=int(s.get("raftAppliedIndex", 0)),
-            db_size=int(s.get("dbSize", 0)), version=s.get("version", ""),
+            db_size=int(s.get("dbSize", 0)), version=s.get("version", ""), db_size_in_use=int(s.get("dbSizeInUse", 0)),
         ))
     return out
 

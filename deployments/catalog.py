@@ -1,7 +1,7 @@
 """Every flow as a deployment: the one source of truth for `nova-dr serve`.
 
 Schedules: the backup nightly at 04:00 (off-peak, as the seed advises), the verification at
-05:30, after it. Recovery flows have no schedule: people and incident tooling start them.
+05:30, after it; defragmentation weekly, Sunday 03:00. Recovery flows have no schedule: people and incident tooling start them.
 Parameters that name a cluster or a store default to NOVA_DR_INVENTORY / NOVA_DR_STORE (a
 `block:NAME` and a store URL); secrets are only ever referenced by block name.
 """
@@ -29,6 +29,9 @@ SPECS = [
     Spec("restore-etcd-cluster", "on-demand", tags=("recovery",)),
     Spec("replace-etcd-member", "on-demand", tags=("recovery",)),
     Spec("restart-etcd-member", "on-demand", tags=("recovery",)),
+    Spec("recover-etcd-space", "on-demand", tags=("recovery",)),
+    # Sunday 03:00: before the nightly backup, so that the backup takes the smaller file.
+    Spec("defragment-etcd", "weekly", "0 3 * * 0", tags=("maintenance",)),
     # The Kubernetes side: reached through the API (kube=block:NAME), not over SSH.
     Spec("install-cronjob-backup", "on-demand", needs_inventory=False, tags=("kubernetes", "backup")),
     Spec("setup-data-protection", "on-demand", needs_inventory=False, tags=("kubernetes", "velero")),

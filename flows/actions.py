@@ -140,7 +140,7 @@ def wait_caught_up(run: Run, step: Step, up: dict) -> dict:
     seen = "not healthy"
     while time.monotonic() < deadline:
         if etcd.check_endpoint_health(conn, m, env):
-            leader = next((s for s in _statuses(run) if s.is_leader), None)
+            leader = next((s for s in read_statuses(run) if s.is_leader), None)
             mine = etcd.read_endpoint_status(conn, m, env)
             if mine and leader and mine.raft_applied_index >= leader.raft_applied_index:
                 return {"applied_index": mine.raft_applied_index, "leader_applied_index_before": leader.raft_applied_index}
@@ -152,7 +152,7 @@ def wait_caught_up(run: Run, step: Step, up: dict) -> dict:
                       f"Last log lines: {_logs(run, member)}. Next: {nxt}")
 
 
-def _statuses(run: Run, masters=None) -> list:
+def read_statuses(run: Run, masters=None) -> list:
     """The endpoint status of every member that answers: one whose master is unreachable
     (a helper lost half way) is not a fact about the others."""
     def read(m):
@@ -184,7 +184,7 @@ def not_converged(run: Run, masters, rows: list[dict]) -> list[str]:
     one had applied on the first. Exact equality needs an idle cluster, and with etcd auth on
     no cluster is idle while we look: each etcdctl call's Authenticate is a raft entry."""
     ahead = max(r["applied_index"] for r in rows)
-    again = {s.member_id: s.raft_applied_index for s in _statuses(run, masters)}
+    again = {s.member_id: s.raft_applied_index for s in read_statuses(run, masters)}
     behind = [f"{r['member']}={again.get(r['_id'], '?')}" for r in rows if again.get(r["_id"], -1) < ahead]
     return [f"applied index not converged (highest was {ahead}): {', '.join(behind)}"] if behind else []
 

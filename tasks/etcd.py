@@ -8,12 +8,13 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from core.errors import NovaDRError
+from core.errors import CommandError, NovaDRError
 from core.etcd import (EndpointStatus, HashKV, MemberInfo, SnapshotStatus, etcdctl_command, parse_count_fields,
                        parse_endpoint_health, parse_endpoint_status, parse_env_file, parse_hashkv,
                        parse_member_list, parse_snapshot_status, restore_argv, supports_bump_revision,
                        work_timeout)
 from core.inventory import Cluster, Master
+from core.space import Alarm, parse_alarm_list, parse_health_errors
 from tasks.remote import Connector
 
 # A dead member must not stall the flow for etcdctl's default 5 s.
@@ -56,7 +57,16 @@ def list_etcd_members(conn: Connector, master: Master, env: dict[str, str], *,
 
 
 def read_hashkv(conn: Connector, master: Master, env: dict[str, str], rev: int) -> HashKV:
-    res = etcdctl(conn, master, env, "endpoint", "hashkv", f"--rev={rev}", "-w", "json", SHORT, own=True)
+    """The hash of the key history up to `rev`. etcd refuses a revision at or below its compacted
+    one (3.5 HashByRev: `rev <= compactRev`): right after a compaction to the current revision
+    (recover-etcd-space, defragment-etcd's callers, a restore with --mark-compacted) it is asked
+    at the current revision instead (`--rev=0`), which the members then share."""
+    try:
+        res = etcdctl(conn, master, env, "endpoint", "hashkv", f"--rev={rev}", "-w", "json", SHORT, own=True)
+    except CommandError as err:
+        if "required revision has been compacted" not in err.stderr:
+            raise
+        res = etcdctl(conn, master, env, "endpoint", "hashkv", "--rev=0", "-w", "json", SHORT, own=True)
     return parse_hashkv(res.stdout)[0]
 
 
@@ -135,3 +145,44 @@ def member_add(conn: Connector, master: Master, env: dict[str, str], name: str, 
 def member_remove(conn: Connector, master: Master, env: dict[str, str], hex_id: str) -> None:
     etcdctl(conn, master, env, "member", "remove", hex_id, SHORT, own=True)
 
+
+
+# -- space: alarms, compaction, defragmentation ------------------------------------------
+
+def read_health(conn: Connector, master: Master, env: dict[str, str]) -> tuple[bool, str]:
+    """This member's health and, when unhealthy, etcdctl's reason ("Active Alarm(s): NOSPACE")."""
+    res = etcdctl(conn, master, env, "endpoint", "health", "-w", "json", SHORT, own=True, check=False)
+    try:
+        return parse_health_errors(res.stdout).get(master.client_url, (False, "not in etcdctl's answer"))
+    except NovaDRError:
+        return False, (res.stderr.strip().splitlines() or ["no answer"])[-1][:200]
+
+
+def read_alarms(conn: Connector, master: Master, env: dict[str, str]) -> list[Alarm]:
+    return parse_alarm_list(etcdctl(conn, master, env, "alarm", "list", "-w", "json", SHORT, own=True).stdout)
+
+
+def compact(conn: Connector, master: Master, env: dict[str, str], revision: int, timeout: float) -> str:
+    """`compaction REV --physical` (returns once the backend has dropped the history). Compacting
+    to a revision that already was is etcd's "required revision has been compacted": done."""
+    res = etcdctl(conn, master, env, "compaction", str(revision), "--physical", f"--command-timeout={timeout:.0f}s",
+                  own=True, check=False, timeout=timeout + 30)
+    if res.code == 0:
+        return f"compacted to {revision}"
+    if "required revision has been compacted" in res.stderr:
+        return f"already compacted to {revision} or later"
+    raise NovaDRError(f"etcdctl compaction {revision} on {master.etcd_member} failed: {res.stderr.strip()[-300:]}")
+
+
+def defragment(conn: Connector, master: Master, env: dict[str, str], timeout: float) -> None:
+    etcdctl(conn, master, env, "defrag", f"--command-timeout={timeout:.0f}s", own=True, timeout=timeout + 30)
+
+
+def disarm_alarms(conn: Connector, master: Master, env: dict[str, str]) -> list[Alarm]:
+    return parse_alarm_list(etcdctl(conn, master, env, "alarm", "disarm", "-w", "json", SHORT, own=True).stdout)
+
+
+def put_and_delete(conn: Connector, master: Master, env: dict[str, str], key: str) -> None:
+    """A write through the cluster and its undoing: the proof that etcd takes writes again."""
+    etcdctl(conn, master, env, "put", key, "written by nova-dr to prove that etcd takes writes", SHORT, own=True)
+    etcdctl(conn, master, env, "del", key, SHORT, own=True)
