@@ -260,6 +260,7 @@ def _fragment(lab, n: int = 40) -> None:
 
 
 def test_defragment_etcd_shrinks_fragmented_members_and_leaves_others_alone(lab3):
+    from flows.lock import ClusterLock
     from flows.space import defragment_etcd
 
     if not lab3.real_hosts():
@@ -272,6 +273,19 @@ def test_defragment_etcd_shrinks_fragmented_members_and_leaves_others_alone(lab3
     assert state.is_completed(), error_of(state)
     assert len(state.result()["skipped"]) == 3 and not state.result()["steps"]
     assert _space_state(lab3) == before  # below the size threshold: left alone
+    from tests.test_cli import CLI
+    out = subprocess.run([CLI, "plan", "defragment-etcd", "--inventory", inv, "--param", "min_db_size_mb=4"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "defrag@etcd1" in out.stdout and "the leader, last" in out.stdout, out
+    # Never while another recovery holds the cluster.
+    other = ClusterLock(lab3.cluster(), "someone-else", "restore-etcd-cluster", ttl=60)
+    other.acquire(wait_seconds=0)
+    try:
+        state = defragment_etcd(inventory=inv, min_db_size_mb=4, return_state=True)
+        assert "someone-else" in error_of(state), error_of(state)
+    finally:
+        other.release()
+    assert _space_state(lab3) == before
 
     lab3.break_member("etcd2", "stop")
     state = defragment_etcd(inventory=inv, min_db_size_mb=4, return_state=True)
