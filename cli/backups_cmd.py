@@ -87,7 +87,7 @@ def fetch(store: str = StoreOpt, backup: str = typer.Option("latest", "--backup"
     """Download one set and check it (sha256s against its manifest; every archive read to its end)."""
     from core.errors import NovaDRError
     from core.sets import read_sets
-    from tasks.backups import fetch_set
+    from tasks.backups import fetch_set, newest_trusted, passed_note
     from tasks.storage import open_store
 
     try:
@@ -100,7 +100,9 @@ def fetch(store: str = StoreOpt, backup: str = typer.Option("latest", "--backup"
             ahead = dated_ahead(sets, datetime.now(timezone.utc))  # never `latest`: see core.sets
             chosen = next((s for s in sets if s not in ahead), None) or choose_set(sets, backup, [], False)
         else:
-            chosen = choose_set(sets, backup, names or [], False)
+            chosen, passed = newest_trusted(st, backup, names or [], _signers(inventory), allow_unsigned)
+            if passed:
+                typer.echo(f"warning: fetching {chosen.ts}; {passed_note(passed)}", err=True)
         report = fetch_set(st, chosen, to, identity_block=identity_block, trusted=_signers(inventory),
                            allow_unsigned=allow_unsigned)
     except NovaDRError as err:

@@ -27,7 +27,7 @@ from flows.actions import not_converged, on, quarantine_name, read_status_rows, 
 from flows.machinery import Run
 from flows.lock import cluster_lock
 from tasks import datadir, etcd, service
-from tasks.backups import fetch_set, find_set
+from tasks.backups import fetch_set, newest_trusted, passed_note
 from tasks.drill import find_etcd_bins, scratch_etcd, snapshot_contents
 from tasks.scratch import scratch_dir
 from tasks.storage import open_store
@@ -218,16 +218,18 @@ def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block
     trusted key signed (accepted with allow_unsigned), the warning the plan shows."""
     st = open_store(store, s3_block)
     names = [m.archive_name for m in cluster.masters]
-    found = find_set(st, backup or "latest", names, require_starvault=False)
+    found, passed = newest_trusted(st, backup or "latest", names, cluster.backup_signers, allow_unsigned)
     fetched = fetch_set(st, found, Path(workdir) / "fetched", names=[found.etcd], identity_block=identity_block,
                         trusted=cluster.backup_signers, allow_unsigned=allow_unsigned)
     if fetched["problems"]:
         raise SnapshotError(f"backup set {found.ts} in {st.url}: " + "; ".join(fetched["problems"])
                             + "; nothing was changed")
-    warning = None if fetched["signed_by"] else fetched["origin"]
+    warnings = [] if fetched["signed_by"] else [fetched["origin"]]
     if not found.manifest:  # the daemon's set, or one whose backup was killed before its manifest
-        warning += "; its etcd snapshot is checked by its own sha256 trailer only"
-    return str(Path(workdir) / "fetched" / fetched["files"][0]), warning
+        warnings[-1] += "; its etcd snapshot is checked by its own sha256 trailer only"
+    if passed:
+        warnings.append(f"restoring {found.ts}, the newest set a trusted key signed; " + passed_note(passed))
+    return str(Path(workdir) / "fetched" / fetched["files"][0]), "; ".join(warnings) or None
 
 
 def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow_version_mismatch: bool,

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 from core.errors import NovaDRError
-from core.signing import Opened, accept, matches_set, open_manifest
-from core.sets import BackupSet, choose_set, read_sets
+from core.signing import NO_MANIFEST, Opened, accept, matches_set, open_manifest
+from core.sets import BackupSet, choose_set, dated_ahead, read_sets
 from core.snapshot import scan_archive, sha256_file
 from tasks.storage import BackupStore
 
@@ -32,6 +33,40 @@ def set_masters(s: BackupSet, manifest: dict | None, inventory_names: list[str] 
 def find_set(store: BackupStore, which: str, archive_names: list[str], require_starvault: bool) -> BackupSet:
     sets, _ = read_sets(store.list())
     return choose_set(sets, which, archive_names, require_starvault)
+
+
+LOOK_BACK = 20  # complete sets whose manifests `latest` reads, newest first, for a trusted one
+
+
+def newest_trusted(store: BackupStore, which: str, archive_names: list[str], trusted: list[str],
+                   allow_unsigned: bool) -> tuple[BackupSet, list[str]]:
+    """The set to read, and the newer sets passed over on the way. `latest` means the newest
+    complete set a trusted key signed: a set planted in the store (or the daemon's, unsigned)
+    must neither be restored nor stand in the way of last night's. With allow_unsigned, or
+    no trusted key, or a named set, the choice is choose_set's; fetch_set then decides."""
+    sets, _ = read_sets(store.list())
+    chosen = choose_set(sets, which, archive_names, False)
+    if which != "latest" or allow_unsigned or not trusted:
+        return chosen, []
+    ahead = dated_ahead(sets, datetime.now(timezone.utc))
+    passed = []
+    for s in [x for x in sets if x not in ahead and x.complete(archive_names, False)][:LOOK_BACK]:
+        try:
+            opened = read_manifest(store, s, trusted)
+            problem = NO_MANIFEST if opened is None else opened.problem
+        except NovaDRError as err:
+            problem = str(err)
+        if problem is None:
+            return s, passed
+        passed.append(f"{s.ts} ({problem})")
+    raise NovaDRError(f"no complete backup set in {store.url} is signed by a trusted key (of the newest "
+                      f"{len(passed)}: {'; '.join(passed[:5])}). If you know where one came from, name it with "
+                      "backup=TIMESTAMP and pass allow_unsigned=true; nothing was changed")
+
+
+def passed_note(passed: list[str]) -> str:
+    return ("newer sets passed over, no trusted key signed them (planted, made by the daemon, or by a backup "
+            "killed before its manifest): " + "; ".join(passed[:5]) + ("; ..." if len(passed) > 5 else ""))
 
 
 def fetch_set(store: BackupStore, s: BackupSet, dest: str | Path, names: list[str] | None = None,

@@ -102,22 +102,35 @@ def _their_manifest(store: Path, ts: str, new_ts: str) -> dict:
     return doc
 
 
-def _refused_everywhere(lab, store: Path, says: str) -> None:
-    """restore-etcd-cluster, verify-backups and `backups fetch` refuse the newest set, and no
-    master changed."""
+def _refused_everywhere(lab, store: Path, says: str, refused: str, good: str | None = None) -> None:
+    """restore-etcd-cluster and `backups fetch` refuse the set `refused` when it is named,
+    verify-backups fails on it when it is the newest, and no master changed. `latest` passes it
+    over for `good`, the newest set a trusted key signed, and says so (None: there is none)."""
     before = lab_fingerprint(lab)
     inv = str(lab.dir / "inventory.yaml")
-    msg = error_of(restore_etcd_cluster(inventory=inv, store=str(store), backup="latest", auto_approve=True,
+    msg = error_of(restore_etcd_cluster(inventory=inv, store=str(store), backup=refused, auto_approve=True,
                                         return_state=True))
     assert says in msg and "allow_unsigned=true" in msg and "Nothing was changed" in msg, msg
     # (no StarVault in these sets: a set without a manifest must then not need one to be `latest`)
     msg = error_of(verify_backups(inventory=inv, store=str(store), INCLUDE_STARVAULT_DB_BACKUP=False,
                                   return_state=True))
     assert "origin failed" in msg, msg
-    out = subprocess.run([CLI, "backups", "fetch", "--store", str(store), "--inventory", inv, "--to",
-                          str(store.parent / "fetched")], capture_output=True, text=True)
+    fetched = store.parent / "fetched"
+    out = subprocess.run([CLI, "backups", "fetch", "--store", str(store), "--inventory", inv, "--backup", refused,
+                          "--to", str(fetched)], capture_output=True, text=True)
     assert out.returncode == 1 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
-    assert not any((store.parent / "fetched").glob("*.tar.gz"))  # refused before the files were read
+    assert not any(fetched.glob("*.tar.gz"))  # refused before the files were read
+    if good is None:
+        msg = error_of(restore_etcd_cluster(inventory=inv, store=str(store), auto_approve=True, return_state=True))
+        assert "is signed by a trusted key" in msg and says in msg and "nothing was changed" in msg, msg
+    else:
+        plan = plan_restore(inventory=inv, store=str(store), backup="latest").text()
+        assert f"restoring {good}, the newest set a trusted key signed; newer sets passed over" in plan, plan
+        assert f"{refused} (" in plan, plan
+        out = subprocess.run([CLI, "backups", "fetch", "--store", str(store), "--inventory", inv, "--to",
+                              str(fetched)], capture_output=True, text=True)
+        assert out.returncode == 0 and f"fetching {good}" in out.stderr and refused in out.stderr, out.stderr
+        assert all(good in f.name for f in fetched.glob("*.tar.gz")) and any(fetched.glob("*.tar.gz"))
     assert lab_fingerprint(lab) == before
 
 
@@ -125,7 +138,7 @@ def test_a_forged_set_with_its_own_manifest_is_refused(case):  # noqa: F811
     lab, st, ts = case
     new = _later(ts)
     _plant(st, ts, new, lambda: json.dumps(_their_manifest(st, ts, new)).encode())
-    _refused_everywhere(lab, st, f"backup set {new}")
+    _refused_everywhere(lab, st, f"backup set {new}", new, ts)
     assert "its manifest is unsigned" in error_of(verify_backups(inventory=str(lab.dir / "inventory.yaml"),
                                                                   store=str(st), return_state=True))
 
@@ -135,7 +148,7 @@ def test_a_set_re_signed_by_an_unknown_key_is_refused(case, tmp_path):  # noqa: 
     theirs, _ = _keypair(tmp_path / "intruder")
     new = _later(ts)
     _plant(st, ts, new, lambda: sign(json.dumps(_their_manifest(st, ts, new)).encode(), theirs))
-    _refused_everywhere(lab, st, "which is not one of the inventory's backup_signers")
+    _refused_everywhere(lab, st, "which is not one of the inventory's backup_signers", new, ts)
 
 
 def test_a_signed_manifest_changed_after_signing_is_refused(case):  # noqa: F811
@@ -146,7 +159,7 @@ def test_a_signed_manifest_changed_after_signing_is_refused(case):  # noqa: F811
     doc["masters"] = doc["masters"][:1]  # fewer masters: a set that looks complete with less
     env["manifest"] = json.dumps(doc)
     mf.write_text(json.dumps(env))
-    _refused_everywhere(lab, st, "does not match: the manifest was changed after signing")
+    _refused_everywhere(lab, st, "does not match: the manifest was changed after signing", ts)
 
 
 def test_a_manifest_of_wrong_types_is_refused_with_its_name(case):  # noqa: F811
@@ -160,9 +173,11 @@ def test_a_manifest_of_wrong_types_is_refused_with_its_name(case):  # noqa: F811
 
     _plant(st, ts, new, wrong)
     before = lab_fingerprint(lab)
-    msg = error_of(restore_etcd_cluster(inventory=str(lab.dir / "inventory.yaml"), store=str(st), backup="latest",
+    msg = error_of(restore_etcd_cluster(inventory=str(lab.dir / "inventory.yaml"), store=str(st), backup=new,
                                         auto_approve=True, return_state=True))
     assert f"nova-dr-manifest_{new}.json: field files must be" in msg, msg
+    plan = plan_restore(inventory=str(lab.dir / "inventory.yaml"), store=str(st), backup="latest").text()
+    assert f"restoring {ts}" in plan and f"{new} (nova-dr-manifest_{new}.json: field files must be" in plan, plan
     assert lab_fingerprint(lab) == before
 
 
@@ -170,7 +185,7 @@ def test_a_set_of_the_daemon_needs_allow_unsigned_and_the_plan_says_so(case):  #
     lab, st, ts = case
     new = _later(ts)
     _plant(st, ts, new, None)  # no manifest at all: the platform's daemon makes such sets
-    _refused_everywhere(lab, st, "its origin is not verified")
+    _refused_everywhere(lab, st, "its origin is not verified", new, ts)
     plan = plan_restore(inventory=str(lab.dir / "inventory.yaml"), store=str(st), backup="latest",
                         allow_unsigned="true")
     assert f"backup set {new}: it has no manifest, so its origin is not verified" in plan.text()
