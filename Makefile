@@ -21,6 +21,8 @@ sys-deps:
 	@command -v nft >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables; }
 	@# iproute2: the lab's namespaces and links (ip, tc), and `ss` for the drill's listening sockets
 	@{ command -v ip >/dev/null && command -v ss >/dev/null; } || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; }
+	@# chromium: the real browser the UI tests drive (through playwright, never its own download)
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	@$(PY) -m venv --help >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; }
 	@mkdir -p /run/sshd
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,10 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local se
             said = [s for s in said if not s.startswith("API auth")]
         for line in said:
             typer.echo(line)
+        # The UI asks the API at PREFECT_UI_API_URL, else at host:4200 whatever --port says
+        # (measured, 3.9.1: its run pages then said "Can't connect to Server API").
+        ui_host = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+        env.setdefault("PREFECT_UI_API_URL", os.environ.get("PREFECT_UI_API_URL") or f"http://{ui_host}:{port}/api")
         server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host,
                                    "--port", str(port)], start_new_session=True, env={**os.environ, **env})
         os.environ["PREFECT_API_URL"] = url
