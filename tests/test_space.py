@@ -242,6 +242,13 @@ def test_recover_etcd_space_brings_a_full_cluster_back(lab3):
     msg = error_of(state)
     assert "step check-fits failed" in msg and f"The quota is {quota / MiB:.1f} MiB (ETCD_QUOTA_BACKEND_BYTES" in msg, msg
     assert _space_state(lab3)["alarms"]  # not disarmed: it would be raised again at once
+    # The operator raises the quota, as the message says; the same recovery resumes.
+    _set_quota(lab3, 64 * MiB)
+    state = recover_etcd_space(inventory=inv, auto_approve=True, return_state=True)
+    assert state.is_completed(), error_of(state)
+    first = [k for k in state.result()["steps"] if k.startswith("defrag@")][0]
+    assert set(state.result()["resumed_steps"]) == {"compact", first}, state.result()["resumed_steps"]
+    assert _space_state(lab3)["alarms"] == [] and _etcdctl(lab3, "put", "/registry/x", "z").returncode == 0
 
 
 def _fragment(lab, n: int = 40) -> None:
