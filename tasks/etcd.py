@@ -146,7 +146,6 @@ def member_remove(conn: Connector, master: Master, env: dict[str, str], hex_id: 
     etcdctl(conn, master, env, "member", "remove", hex_id, SHORT, own=True)
 
 
-
 # -- space: alarms, compaction, defragmentation ------------------------------------------
 
 def read_health(conn: Connector, master: Master, env: dict[str, str]) -> tuple[bool, str]:
