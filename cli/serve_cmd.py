@@ -59,18 +59,18 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local se
         # (measured, 3.9.1: its run pages then said "Can't connect to Server API").
         ui_host = socket.getfqdn() if host in ("0.0.0.0", "::") else host
         env.setdefault("PREFECT_UI_API_URL", os.environ.get("PREFECT_UI_API_URL") or f"http://{ui_host}:{port}/api")
+        # Until Prefect's runner installs its own SIGTERM handler, a stop (systemd, a test) would
+        # end this process at once and orphan the server, which keeps the port (seen in CI).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host,
                                    "--port", str(port)], start_new_session=True, env={**os.environ, **env})
         os.environ["PREFECT_API_URL"] = url
         if env.get("PREFECT_SERVER_API_AUTH_STRING"):  # this process's client and the runs it starts
             os.environ["PREFECT_API_AUTH_STRING"] = env["PREFECT_SERVER_API_AUTH_STRING"]
-        _wait_healthy(url, server)
-    from prefect import serve as prefect_serve
-
-    from deployments.catalog import build_deployments
-
     try:
-        prefect_serve(*build_deployments(), limit=limit)
+        if server is not None:
+            _wait_healthy(url, server)
+        _serve(limit)
     finally:
         if server is not None:  # served runs stop first, then the server (it hangs otherwise)
             os.killpg(server.pid, signal.SIGTERM)
@@ -78,3 +78,15 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local se
                 server.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _serve(limit: int) -> None:
+    from prefect import serve as prefect_serve
+
+    from deployments.catalog import build_deployments
+
+    prefect_serve(*build_deployments(), limit=limit)

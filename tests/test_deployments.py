@@ -225,3 +225,54 @@ def test_serve_secures_the_server_it_starts(tmp_path):
         assert "401" not in out.stdout + out.stderr and "Unauthorized" not in out.stdout + out.stderr, out.stderr
     finally:
         _stop(p)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_serve_stopped_while_its_server_starts_leaves_no_server_behind(tmp_path):
+    """A stop (systemd, a test's cleanup) before Prefect's runner has its own SIGTERM handler
+    once ended `serve` at once, and the server it had started kept running, and its port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_SERVER_API"))}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), NOVA_DR_HOME=str(tmp_path / "nova"))
+    log = open(tmp_path / "serve.log", "wb")
+    p = subprocess.Popen([CLI, "serve", "--port", str(port)], cwd="/", env=env, stdout=log, stderr=log,
+                         start_new_session=True)
+    server = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (kids := _children(p.pid)):
+            assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+            time.sleep(0.1)
+        server = kids[0]
+        time.sleep(1)  # the server is starting; serve waits for its /health
+        os.kill(p.pid, signal.SIGTERM)
+        p.wait(60)
+        deadline = time.monotonic() + 30
+        while _alive(server):
+            assert time.monotonic() < deadline, f"serve's server (pid {server}) still runs after serve stopped"
+            time.sleep(0.2)
+    finally:
+        if p.poll() is None:
+            _stop(p)
+        if server and _alive(server):
+            os.killpg(server, signal.SIGKILL)
