@@ -81,9 +81,29 @@ def _json(text: str, what: str):
         raise ParseError(f"{what}: not JSON from etcdctl: {text[:200]!r}") from None
 
 
+def parse_health_errors(text: str) -> dict[str, tuple[bool, str]]:
+    """`endpoint health -w json` -> {endpoint: (healthy, etcdctl's reason when not)}. Prints
+    JSON even when unhealthy ("Active Alarm(s): NOSPACE" under an alarm)."""
+    return {e["endpoint"]: (bool(e.get("health")), e.get("error", "")) for e in _json(text, "endpoint health")}
+
+
 def parse_endpoint_health(text: str) -> dict[str, bool]:
-    """`endpoint health -w json` -> {endpoint: healthy}. Prints JSON even when unhealthy."""
-    return {e["endpoint"]: bool(e.get("health")) for e in _json(text, "endpoint health")}
+    """`endpoint health -w json` -> {endpoint: healthy}."""
+    return {ep: healthy for ep, (healthy, _) in parse_health_errors(text).items()}
+
+
+ALARM_NAMES = {0: "NONE", 1: "NOSPACE", 2: "CORRUPT"}  # etcdserverpb.AlarmType: JSON gives the number
+
+
+class Alarm(_M):
+    member_id: int
+    alarm: str
+
+
+def parse_alarm_list(text: str) -> list[Alarm]:
+    """`alarm list -w json` (and `alarm disarm -w json`): no `alarms` key when there is none."""
+    return [Alarm(member_id=int(a.get("memberID", 0)), alarm=ALARM_NAMES.get(a.get("alarm"), str(a.get("alarm"))))
+            for a in _json(text, "alarm list").get("alarms") or []]
 
 
 def parse_endpoint_status(text: str) -> list[EndpointStatus]:

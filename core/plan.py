@@ -11,6 +11,15 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def size_text(n: int) -> str:
+    """Bytes as plans and reports show them: 20.0 MiB, 1.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 class Step(BaseModel):
     model_config = ConfigDict(frozen=True)
 

@@ -2,7 +2,6 @@
 plans of recover-etcd-space and defragment-etcd. Pure functions of what the masters said.
 
 Measured on etcd 3.5.1 (tests/captured/alarm_list_nospace.json, endpoint_health_nospace.json):
-- `alarm list -w json` names alarms by number (1 NOSPACE, 2 CORRUPT, etcdserverpb.AlarmType).
 - Under NOSPACE `endpoint health` says false for every member ("Active Alarm(s): NOSPACE"),
   while `endpoint status` still answers, with dbSize and dbSizeInUse.
 - The quota is checked against the physical file size (backend Size()), so compaction alone
@@ -12,16 +11,13 @@ Measured on etcd 3.5.1 (tests/captured/alarm_list_nospace.json, endpoint_health_
 
 from __future__ import annotations
 
-import json
-
 from pydantic import BaseModel, ConfigDict
 
 from core.errors import PreflightError
-from core.etcd import ParseError, work_timeout
+from core.etcd import Alarm, work_timeout
 from core.inventory import Cluster
-from core.plan import Plan, Step
+from core.plan import Plan, Step, size_text
 
-ALARM_NAMES = {0: "NONE", 1: "NOSPACE", 2: "CORRUPT"}
 DEFAULT_QUOTA = 2 * 1024 ** 3  # etcd 3.5 DefaultQuotaBytes, when ETCD_QUOTA_BACKEND_BYTES is unset or 0
 ALARM_PREFIX = "Active Alarm(s)"
 # After compaction the live data must leave room under the quota, or the first writes raise
@@ -29,13 +25,6 @@ ALARM_PREFIX = "Active Alarm(s)"
 FITS_FRACTION = 0.9
 CLOSE_FRACTION = 0.75  # above it the report warns that the alarm will be back soon
 CHECK_KEY = "/nova-dr/space-check/"  # outside /registry/: the kube-apiserver never reads it
-
-
-class Alarm(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    member_id: int
-    alarm: str
 
 
 class SpaceRow(BaseModel):
@@ -59,26 +48,6 @@ class SpaceRow(BaseModel):
     @property
     def up_but_for_alarms(self) -> bool:
         return self.answers and (self.healthy or self.health_error.startswith(ALARM_PREFIX))
-
-
-def parse_alarm_list(text: str) -> list[Alarm]:
-    text = text.strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise ParseError(f"alarm list: not JSON from etcdctl: {text[:200]!r}") from None
-    return [Alarm(member_id=int(a.get("memberID", 0)), alarm=ALARM_NAMES.get(a.get("alarm"), str(a.get("alarm"))))
-            for a in data.get("alarms") or []]
-
-
-def parse_health_errors(text: str) -> dict[str, tuple[bool, str]]:
-    """`endpoint health -w json` -> {endpoint: (healthy, error)}."""
-    text = text.strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise ParseError(f"endpoint health: not JSON from etcdctl: {text[:200]!r}") from None
-    return {e["endpoint"]: (bool(e.get("health")), e.get("error", "")) for e in data}
 
 
 def quota_bytes(env: dict[str, str]) -> int | None:
@@ -111,12 +80,9 @@ def rolling_order(rows: list[SpaceRow]) -> list[SpaceRow]:
     return [r for r in rows if not r.leader] + [r for r in rows if r.leader]
 
 
-def gib(n: int) -> str:
-    return f"{n / 1024 ** 2:.1f} MiB" if n < 1024 ** 3 else f"{n / 1024 ** 3:.2f} GiB"
-
 
 def quota_advice(quota: int | None) -> str:
-    return (f"The quota is {gib(quota) if quota else 'unlimited'} (ETCD_QUOTA_BACKEND_BYTES in each master's etcd "
+    return (f"The quota is {size_text(quota) if quota else 'unlimited'} (ETCD_QUOTA_BACKEND_BYTES in each master's etcd "
             "env file, etcd's default 2 GiB when unset; etcd warns above 8 GiB). Raise it on every master and "
             "restart the members one at a time (restart-etcd-member), or delete data the cluster no longer needs")
 
@@ -139,12 +105,18 @@ def _refuse_short_disk(rows: list[SpaceRow]) -> None:
     if short:
         raise PreflightError(
             "not enough free disk for defragmentation (it writes a copy of the live data beside the database): "
-            + ", ".join(f"{r.member} has {gib(r.free_bytes)} free, needs {gib(free_needed(r))}" for r in short)
+            + ", ".join(f"{r.member} has {size_text(r.free_bytes)} free, needs {size_text(free_needed(r))}" for r in short)
             + ". Free space in that data dir's filesystem (never in the etcd member dir); nothing was changed")
 
 
 def _step(id, action, master, title, command="", deps=(), **args) -> Step:
     return Step(id=id, action=action, master=master, title=title, command=command, deps=tuple(deps), args=args)
+
+
+def _verify_step(rows: list[SpaceRow], after: str) -> Step:
+    return _step("verify", "verify_members", None, "Verify: one leader, same raft term, applied indexes converged, "
+                 "the same hashkv everywhere", "etcdctl endpoint status / endpoint hashkv", deps=[after], hashkv=True,
+                 members=[r.member for r in rows], checkpoint=False)
 
 
 def _defrag_steps(cluster: Cluster, order: list[SpaceRow], after: str | None) -> list[Step]:
@@ -190,15 +162,13 @@ def build_space_plan(cluster: Cluster, rows: list[SpaceRow], alarms: list[Alarm]
     prove = _step("prove-write", "prove_write", helper, "Prove that a write succeeds (a key outside /registry/, "
                   "written and deleted) and that no alarm is left", f"etcdctl put {CHECK_KEY}{recovery_id} ...; "
                   "etcdctl del ...; etcdctl alarm list", deps=["disarm"], checkpoint=False)
-    verify = _step("verify", "verify_members", None, "Verify: one leader, same raft term, applied indexes "
-                   "converged, the same hashkv everywhere", "etcdctl endpoint status / endpoint hashkv",
-                   deps=["prove-write"], hashkv=True, members=[r.member for r in rows], checkpoint=False)
-    sizes = ", ".join(f"{r.member} {gib(r.db_size)} ({gib(r.in_use)} in use)" for r in rows)
+    verify = _verify_step(rows, "prove-write")
+    sizes = ", ".join(f"{r.member} {size_text(r.db_size)} ({size_text(r.in_use)} in use)" for r in rows)
     who = ", ".join(sorted({next((r.member for r in rows if r.member_id == a.member_id), f"{a.member_id:x}")
                             for a in alarms})) or "none"
     return Plan(flow="recover-etcd-space", cluster=cluster.name, recovery_id=recovery_id,
                 steps=(compact, first[0], fits, *defrag[1:], disarm, prove, verify),
-                summary=f"NOSPACE alarm raised by: {who}. Databases: {sizes}; quota {gib(quota) if quota else 'none'}. "
+                summary=f"NOSPACE alarm raised by: {who}. Databases: {sizes}; quota {size_text(quota) if quota else 'none'}. "
                         "Compact the history, defragment the members one at a time (followers first, the leader "
                         "last, each answering again before the next), then disarm the alarm. No data is deleted: "
                         "compaction drops old revisions only; every current key stays.")
@@ -221,16 +191,13 @@ def build_defrag_plan(cluster: Cluster, rows: list[SpaceRow], alarms: list[Alarm
         if r.fragmentation >= min_fragmentation and r.db_size >= min_db_bytes:
             chosen.append(r)
         else:
-            skipped.append(f"{r.member}: {gib(r.db_size)}, {r.fragmentation:.0%} fragmented (thresholds "
-                           f"{min_fragmentation:.0%} of at least {gib(min_db_bytes)})")
+            skipped.append(f"{r.member}: {size_text(r.db_size)}, {r.fragmentation:.0%} fragmented (thresholds "
+                           f"{min_fragmentation:.0%} of at least {size_text(min_db_bytes)})")
     if chosen:
         _refuse_short_disk(chosen)
     steps = _defrag_steps(cluster, rolling_order(chosen), None)
     if steps:
-        steps.append(_step("verify", "verify_members", None, "Verify: one leader, same raft term, applied indexes "
-                           "converged, the same hashkv everywhere", "etcdctl endpoint status / endpoint hashkv",
-                           deps=[steps[-1].id], hashkv=True, members=[r.member for r in rows],
-                           checkpoint=False))
+        steps.append(_verify_step(rows, steps[-1].id))
     summary = (f"Defragment {', '.join(r.member for r in rolling_order(chosen))}, one at a time, the leader last."
                if chosen else "No member passes the thresholds: nothing to do.")
     return Plan(flow="defragment-etcd", cluster=cluster.name, recovery_id=recovery_id, steps=tuple(steps),

@@ -33,7 +33,7 @@ from core.errors import AuthError, ConnectError, NotApproved, NovaDRError, PlanC
 from core.etcd import env_mismatches
 from core.facts import ClusterFacts, MasterFacts
 from core.inventory import Cluster
-from core.plan import Plan, Step
+from core.plan import Plan, Step, size_text
 from core.resume import resume_notes
 from flows.lock import with_lock_notes
 from tasks import datadir, etcd, service
@@ -176,7 +176,10 @@ def preflight(run: Run) -> ClusterFacts:
 
 def refuse_mismatched(facts: ClusterFacts) -> None:
     """Before any plan: the inventory must describe the etcd that really runs on each master."""
-    wrong = [w for f in facts.masters for w in f.mismatches]
+    refuse_wrong_env([w for f in facts.masters for w in f.mismatches])
+
+
+def refuse_wrong_env(wrong: list[str]) -> None:
     if wrong:
         raise PreflightError("the inventory does not match the masters: " + "; ".join(wrong)
                              + ". Correct the inventory (or the env file), then run again; nothing was changed")
@@ -190,8 +193,8 @@ def facts_table(facts: ClusterFacts, markdown: bool = True) -> str:
         s = f.status
         rows.append([f.member, f.node, "ok" if f.reachable else "UNREACHABLE", f.service, "yes" if f.healthy else "NO",
                      "yes" if s and s.is_leader else "", s.raft_term if s else "", s.raft_applied_index if s else "",
-                     s.revision if s else "", _size(f.data_dir_bytes) if f.data_dir_has_member else "no member dir",
-                     "yes" if f.data_dir_mount_point else "no", _size(f.free_bytes) if f.free_bytes is not None else "UNKNOWN", f.initial_cluster_state])
+                     s.revision if s else "", size_text(f.data_dir_bytes) if f.data_dir_has_member else "no member dir",
+                     "yes" if f.data_dir_mount_point else "no", size_text(f.free_bytes) if f.free_bytes is not None else "UNKNOWN", f.initial_cluster_state])
     return render_table(head, rows, markdown)
 
 
@@ -202,14 +205,6 @@ def render_table(head: list[str], rows: list[list], markdown: bool = True) -> st
                          + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + rows)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # -- the approval gate -----------------------------------------------------------------

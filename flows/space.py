@@ -12,11 +12,11 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.inventory import resolve_inventory
-from core.errors import ConnectError, NovaDRError, PreflightError
-from core.etcd import env_mismatches
-from core.plan import Plan, Step
-from core.space import (CHECK_KEY, CLOSE_FRACTION, FITS_FRACTION, Alarm, SpaceRow, build_defrag_plan, build_space_plan,
-                        defrag_timeout, gib, quota_advice, quota_bytes)
+from core.errors import ConnectError, NovaDRError
+from core.etcd import Alarm, env_mismatches
+from core.plan import Plan, Step, size_text
+from core.space import (CHECK_KEY, CLOSE_FRACTION, FITS_FRACTION, SpaceRow, build_defrag_plan, build_space_plan,
+                        defrag_timeout, quota_advice, quota_bytes)
 from flows import actions as act
 from flows import machinery as mc
 from flows.lock import cluster_lock
@@ -36,10 +36,7 @@ def read_space(run: Run) -> tuple[list[SpaceRow], list[Alarm], int | None]:
         try:
             conn = run.conn(m.etcd_member)
             env = read_etcd_env(conn, m)
-            wrong = env_mismatches(m, run.cluster.etcd_token, env, m.paths.etcd_env)
-            if wrong:
-                raise PreflightError("the inventory does not match the masters: " + "; ".join(wrong)
-                                     + ". Correct the inventory (or the env file); nothing was changed")
+            mc.refuse_wrong_env(env_mismatches(m, run.cluster.etcd_token, env, m.paths.etcd_env))
             with ThreadPoolExecutor(3) as ex:
                 st, health, probe = (ex.submit(etcd.read_endpoint_status, conn, m, env),
                                      ex.submit(etcd.read_health, conn, m, env),
@@ -70,8 +67,8 @@ def space_table(rows: list[SpaceRow], markdown: bool = True) -> str:
     return mc.render_table(
         ["member", "answers", "healthy", "leader", "db size", "in use", "fragmented", "free disk"],
         [[r.member, "yes" if r.answers else "NO", "yes" if r.healthy else (r.health_error or "NO")[:60],
-          "yes" if r.leader else "", gib(r.db_size), gib(r.in_use), f"{r.fragmentation:.0%}",
-          gib(r.free_bytes) if r.free_bytes is not None else "UNKNOWN"] for r in rows], markdown)
+          "yes" if r.leader else "", size_text(r.db_size), size_text(r.in_use), f"{r.fragmentation:.0%}",
+          size_text(r.free_bytes) if r.free_bytes is not None else "UNKNOWN"] for r in rows], markdown)
 
 
 # -- actions ----------------------------------------------------------------------------
@@ -94,26 +91,26 @@ def check_fits(run: Run, step: Step, up: dict) -> dict:
     """The live data, as the first defragmented file weighs it, against the quota."""
     quota, member = step.args["quota"], step.args["member"]
     live = up[f"defrag@{member}"]["detail"]["db_size_after"]
-    if live is None:
-        raise NovaDRError(f"{member} did not say its size after defragmentation; the other members were not touched")
     if quota and live >= FITS_FRACTION * quota:
-        raise NovaDRError(f"even compacted and defragmented, {member}'s database is {gib(live)}, over "
+        raise NovaDRError(f"even compacted and defragmented, {member}'s database is {size_text(live)}, over "
                           f"{FITS_FRACTION:.0%} of the quota: disarming would have the alarm back within moments. "
                           + quota_advice(quota) + f". Only {member} was defragmented (harmless); run this flow again "
                           "after that")
     return {"live_data": live, "quota": quota}
 
 
-def _answering(run: Run, member: str, timeout: float) -> str:
-    conn, m, env, _ = _status(run, member)
+def _answering(conn, m, env, timeout: float):
+    """Wait until the member answers again (healthy, or unhealthy only by an alarm); its
+    state and its endpoint status then."""
     deadline = time.monotonic() + timeout
     while True:
         healthy, error = etcd.read_health(conn, m, env)
-        row = SpaceRow(member=member, answers=True, healthy=healthy, health_error=error)
-        if row.up_but_for_alarms and etcd.read_endpoint_status(conn, m, env) is not None:
-            return "healthy" if healthy else error
+        st = etcd.read_endpoint_status(conn, m, env) if SpaceRow(
+            member=m.etcd_member, answers=True, healthy=healthy, health_error=error).up_but_for_alarms else None
+        if st is not None:
+            return ("healthy" if healthy else error), st
         if time.monotonic() > deadline:
-            raise NovaDRError(f"{member} did not answer again within {timeout:.0f}s of its defragmentation "
+            raise NovaDRError(f"{m.etcd_member} did not answer again within {timeout:.0f}s of its defragmentation "
                               f"({error}); the next member was not touched")
         time.sleep(0.5)
 
@@ -125,11 +122,10 @@ def defrag_member(run: Run, step: Step, up: dict) -> dict:
     started = datetime.now(timezone.utc)
     etcd.defragment(conn, m, env, defrag_timeout(before.db_size))
     ended = datetime.now(timezone.utc)
-    state = _answering(run, step.master, run.data.get("catch_up_timeout", 90))
-    after = _status(run, step.master)[3]
-    return {"db_size_before": before.db_size, "in_use_before": before.db_size_in_use,
-            "db_size_after": after.db_size if after else None, "started": started.isoformat(),
-            "ended": ended.isoformat(), "seconds": round((ended - started).total_seconds(), 2), "after": state}
+    state, after = _answering(conn, m, env, run.data.get("catch_up_timeout", 90))
+    return {"db_size_before": before.db_size, "in_use_before": before.db_size_in_use, "db_size_after": after.db_size,
+            "started": started.isoformat(), "ended": ended.isoformat(),
+            "seconds": round((ended - started).total_seconds(), 2), "after": state}
 
 
 def disarm_alarms(run: Run, step: Step, up: dict) -> dict:
@@ -160,8 +156,8 @@ def _defrag_rows(results: dict) -> list[list]:
     for sid, r in results.items():
         if sid.startswith("defrag@"):
             d = r["detail"]
-            rows.append([sid.split("@")[1], gib(d["db_size_before"]), gib(d["in_use_before"]),
-                         gib(d["db_size_after"]) if d["db_size_after"] is not None else "?", f"{d['seconds']:.2f}s",
+            rows.append([sid.split("@")[1], size_text(d["db_size_before"]), size_text(d["in_use_before"]),
+                         size_text(d["db_size_after"]), f"{d['seconds']:.2f}s",
                          d["started"][11:23], d["ended"][11:23]])
     return rows
 
@@ -181,7 +177,7 @@ def _report(run: Run, plan: Plan, approval: dict, results: dict, before: list[Sp
     ])
     fits = results.get("check-fits", {}).get("detail") or {}
     if fits.get("quota") and fits["live_data"] >= CLOSE_FRACTION * fits["quota"]:
-        close = (f"The live data is {gib(fits['live_data'])}, {fits['live_data'] / fits['quota']:.0%} of the quota: "
+        close = (f"The live data is {size_text(fits['live_data'])}, {fits['live_data'] / fits['quota']:.0%} of the quota: "
                  f"the alarm will be back soon. {quota_advice(fits['quota'])}.")
         get_run_logger().warning("%s", close)
         md += f"\n\n> **Warning:** {close}"

@@ -9,12 +9,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from core.errors import CommandError, NovaDRError
-from core.etcd import (EndpointStatus, HashKV, MemberInfo, SnapshotStatus, etcdctl_command, parse_count_fields,
-                       parse_endpoint_health, parse_endpoint_status, parse_env_file, parse_hashkv,
+from core.etcd import (Alarm, EndpointStatus, HashKV, MemberInfo, SnapshotStatus, etcdctl_command, parse_alarm_list,
+                       parse_count_fields, parse_endpoint_health, parse_endpoint_status, parse_env_file,
+                       parse_hashkv, parse_health_errors,
                        parse_member_list, parse_snapshot_status, restore_argv, supports_bump_revision,
                        work_timeout)
 from core.inventory import Cluster, Master
-from core.space import Alarm, parse_alarm_list, parse_health_errors
 from tasks.remote import Connector
 
 # A dead member must not stall the flow for etcdctl's default 5 s.

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import PreflightError
-from core.etcd import parse_endpoint_status
+from core.etcd import parse_alarm_list, parse_endpoint_status, parse_health_errors
 from core.inventory import parse_inventory
-from core.space import (DEFAULT_QUOTA, SpaceRow, build_defrag_plan, build_space_plan, parse_alarm_list,
-                        parse_health_errors, quota_bytes, rolling_order)
+from core.space import DEFAULT_QUOTA, SpaceRow, build_defrag_plan, build_space_plan, quota_bytes, rolling_order
 from lab.lab import etcd_bin_dir
 from tests.helpers import keys_on, put_keys
 from tests.test_restore import error_of
