@@ -47,6 +47,24 @@ def _stop(p: subprocess.Popen, grace: float = 40) -> None:
         p.wait()
 
 
+def own_serve(tmp_path: Path, *args: str, **extra_env: str) -> tuple[subprocess.Popen, int, Path, dict]:
+    """`nova-dr serve` with no PREFECT_API_URL: it starts a server of its own, on a free port,
+    with its own PREFECT_HOME. Returns the process, the port, that home and the env used."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_SERVER_API",
+                                                                      "PREFECT_UI"))}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), NOVA_DR_HOME=str(tmp_path / "nova"), **extra_env)
+    env.pop("NOVA_DR_INVENTORY", None)
+    log = open(tmp_path / "serve.log", "wb")
+    p = subprocess.Popen([CLI, "serve", "--port", str(port), *args], cwd="/", env=env, stdout=log, stderr=log,
+                         start_new_session=True)
+    return p, port, tmp_path / "home", env
+
+
 def curl(*args: str) -> dict:
     """As incident tooling should call it: retrying a transient error (the test server's SQLite
     can answer 5xx under load), which the idempotency key makes safe. The body goes to a file
@@ -179,22 +197,13 @@ def test_serve_secures_the_server_it_starts(tmp_path):
     and a block encryption key it makes once (0600 files under PREFECT_HOME), not in the
     database. A caller without the auth string reads no block."""
     import sqlite3
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_SERVER_API"))}
-    env.update(PREFECT_HOME=str(home), NOVA_DR_HOME=str(tmp_path / "nova"))
-    refused = subprocess.run([CLI, "serve", "--no-auth", "--host", "0.0.0.0", "--port", str(port)], env=env,
-                             capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 1 and "--no-auth with --host 0.0.0.0" in refused.stderr
-    log = open(tmp_path / "serve.log", "wb")
-    p = subprocess.Popen([CLI, "serve", "--port", str(port)], cwd="/", env=env, stdout=log, stderr=log,
-                         start_new_session=True)
+    p, port, home, env = own_serve(tmp_path)
     url = f"http://127.0.0.1:{port}/api"
     try:
+        refused = subprocess.run([CLI, "serve", "--no-auth", "--host", "0.0.0.0", "--port", str(port)], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "--no-auth with --host 0.0.0.0" in refused.stderr
         deadline = time.monotonic() + 150
 
         def up() -> bool:
@@ -247,16 +256,7 @@ def _alive(pid: int) -> bool:
 def test_serve_stopped_while_its_server_starts_leaves_no_server_behind(tmp_path):
     """A stop (systemd, a test's cleanup) before Prefect's runner has its own SIGTERM handler
     once ended `serve` at once, and the server it had started kept running, and its port."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_SERVER_API"))}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), NOVA_DR_HOME=str(tmp_path / "nova"))
-    log = open(tmp_path / "serve.log", "wb")
-    p = subprocess.Popen([CLI, "serve", "--port", str(port)], cwd="/", env=env, stdout=log, stderr=log,
-                         start_new_session=True)
+    p, _, _, _ = own_serve(tmp_path)
     server = None
     try:
         deadline = time.monotonic() + 60

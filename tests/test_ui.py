@@ -5,15 +5,12 @@ playwright; never playwright's own browser download): `nova-dr serve` on a port 
 from __future__ import annotations
 
 import base64
-import os
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.test_deployments import CLI, _stop
+from tests.test_deployments import _stop, own_serve
 from tests.test_restore import assert_restored, prepare_lab
 
 CHROMIUM = "/usr/bin/chromium"
@@ -21,25 +18,11 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_operator_logs_in_and_approves_a_restore_in_the_browser(lab3, tmp_path):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "no /usr/bin/chromium: `make deps` installs Debian's chromium"
-    port = _free_port()
-    home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_SERVER_API",
-                                                                      "PREFECT_UI"))}
-    env.update(PREFECT_HOME=str(home), NOVA_DR_HOME=str(tmp_path / "nova"), PREFECT_RUNNER_POLL_FREQUENCY="2")
-    env.pop("NOVA_DR_INVENTORY", None)
-    log = open(tmp_path / "serve.log", "wb")
-    p = subprocess.Popen([CLI, "serve", "--port", str(port)], cwd="/", env=env, stdout=log, stderr=log,
-                         start_new_session=True)
+    p, port, home, _ = own_serve(tmp_path, PREFECT_RUNNER_POLL_FREQUENCY="2")
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
