@@ -33,9 +33,33 @@ def _flow(name: str):
     from flows.registry import FLOWS
 
     if name not in FLOWS:
-        typer.secho(f"error: no flow {name!r}; the flows are: {', '.join(sorted(FLOWS))}", fg="red", err=True)
-        raise typer.Exit(2)
+        _fail(f"no flow {name!r}; the flows are: {', '.join(sorted(FLOWS))}")
     return FLOWS[name]
+
+
+def _fail(message: str, code: int = 2):
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def check_params(name: str, f, params: dict) -> None:
+    """A parameter the flow does not take, or an inventory file that is not there: one line,
+    before anything starts (Prefect would answer with a ParameterBindError traceback, or the
+    missing file would surface later as something else)."""
+    import difflib
+    import inspect
+    from pathlib import Path
+
+    known = list(inspect.signature(f.fn).parameters)
+    for key in params:
+        if key not in known:
+            ranked = sorted(known, key=lambda k: -difflib.SequenceMatcher(None, key.lower(), k.lower()).ratio())
+            _fail(f"{name} has no parameter {key!r}; its parameters, the closest first: {', '.join(ranked)}. "
+                  "Nothing was changed")
+    inventory = params.get("inventory")
+    if isinstance(inventory, str) and not inventory.startswith("block:") and not Path(inventory).is_file():
+        _fail(f"inventory {inventory}: no such file. Give an inventory YAML or block:NAME (a saved inventory "
+              "block). Nothing was changed")
 
 
 def _terminal_gate(run_id: str, plan) -> None:
@@ -62,14 +86,18 @@ def run(flow: str, inventory: str = typer.Option(None, "--inventory", help="inve
         param: list[str] = typer.Option([], "--param", help="key=value, repeatable"),
         auto_approve: bool = typer.Option(False, "--auto-approve", help="skip the approval gate")) -> None:
     """Run a flow here. Exit 0 only when the run is Completed."""
+    from flows import machinery
+    from flows.registry import GATED
+
     f = _flow(flow)
     params = parse_params(param)
     if inventory:
         params["inventory"] = inventory
-    if auto_approve:
+    if auto_approve and flow not in GATED:
+        typer.echo(f"note: {flow} has no approval gate; --auto-approve changes nothing", err=True)
+    elif auto_approve:
         params["auto_approve"] = True
-    from flows import machinery
-    from flows.registry import GATED
+    check_params(flow, f, params)
 
     if flow in GATED and not auto_approve and not params.get("auto_approve"):
         if sys.stdin.isatty():
@@ -99,7 +127,7 @@ def plan(flow: str, inventory: str = typer.Option(None, "--inventory"),
     from core.errors import NovaDRError
     from flows.registry import PLANNERS
 
-    _flow(flow)
+    f = _flow(flow)
     if flow not in PLANNERS:
         from flows.registry import GATED
 
@@ -109,6 +137,7 @@ def plan(flow: str, inventory: str = typer.Option(None, "--inventory"),
     params = parse_params(param)
     if inventory:
         params["inventory"] = inventory
+    check_params(flow, f, params)
     try:
         typer.echo(PLANNERS[flow](**params).text())
     except NovaDRError as err:

@@ -34,10 +34,13 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local se
           port: int = typer.Option(4200, "--port"),
           limit: int = typer.Option(4, "--limit", help="flow runs at once on this machine"),
           no_auth: bool = typer.Option(False, "--no-auth", help="a local server without an API auth string "
-                                                                  "(loopback only)")) -> None:
+                                                                  "(loopback only)"),
+          fleet: str = typer.Option(None, "--fleet", help="a fleet file: every flow as <flow>/<cluster> for each "
+                                                          "of its clusters")) -> None:
     """Serve every nova-dr deployment (schedules, UI- and API-started runs)."""
     from cli.server_secrets import server_env
 
+    the_fleet = _load_fleet(fleet) if fleet else None  # a bad file is said before anything starts
     server = None
     if not os.environ.get("PREFECT_API_URL"):
         loopback = host in ("127.0.0.1", "localhost", "::1")
@@ -70,7 +73,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local se
     try:
         if server is not None:
             _wait_healthy(url, server)
-        _serve(limit)
+        _serve(limit, the_fleet, fleet)
     finally:
         if server is not None:  # served runs stop first, then the server (it hangs otherwise)
             os.killpg(server.pid, signal.SIGTERM)
@@ -84,9 +87,69 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _serve(limit: int) -> None:
+def _load_fleet(path: str):
+    from core.errors import NovaDRError
+    from core.fleet import load_fleet
+
+    try:
+        return load_fleet(path)
+    except NovaDRError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2)
+
+
+def _serve(limit: int, fleet=None, fleet_path: str | None = None) -> None:
     from prefect import serve as prefect_serve
 
-    from deployments.catalog import build_deployments
+    from deployments.catalog import build_deployments, planned_fleet, prune_fleet
 
-    prefect_serve(*build_deployments(), limit=limit)
+    if fleet is not None:
+        for name in prune_fleet(planned_fleet(fleet, fleet_path)):
+            typer.echo(f"deleted deployment {name}: its cluster or flow is no longer in the fleet file")
+
+    prefect_serve(*build_deployments(fleet=fleet, fleet_path=fleet_path), limit=limit)
+
+
+def deploy(fleet: str = typer.Option(..., "--fleet", help="the fleet file (YAML)"),
+           pool: str = typer.Option("nova-dr", "--pool", help="a process work pool (made if missing)"),
+           notify: str = typer.Option(None, "--notify", help="a notification block, TYPE/NAME (e.g. "
+                                                             "custom-webhook/ops), told of every failed run")) -> None:
+    """Create or update a fleet's deployments on a work pool, for `prefect worker start --pool POOL`
+    on each worker host (this package installed there). Deletes those of clusters no longer in it,
+    and makes the automations: runs whose worker died are marked Crashed; failures are notified."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from core.errors import NovaDRError
+    from deployments import automations
+    from deployments.catalog import build_deployments, planned_fleet, prune_fleet
+
+    the_fleet = _load_fleet(fleet)
+    if not os.environ.get("PREFECT_API_URL"):
+        typer.secho("error: deploy needs PREFECT_API_URL, the shared server that the workers poll; nothing was "
+                    "changed", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        notify_id = automations.notification_block(notify) if notify else None
+    except NovaDRError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            typer.echo(f"created work pool {pool} (process)")
+    for name in prune_fleet(planned_fleet(the_fleet, fleet)):
+        typer.echo(f"deleted deployment {name}: its cluster or flow is no longer in the fleet file")
+    made = build_deployments(fleet=the_fleet, fleet_path=fleet)
+    for d in made:
+        # Heartbeats, whatever the worker's own settings: the zombie automation needs them.
+        d.job_variables = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(automations.HEARTBEAT_SECONDS)}}
+        d.apply(work_pool_name=pool)
+    automations.ensure_zombie_automation()
+    if notify_id:
+        automations.ensure_failure_notification(notify_id)
+    typer.echo(f"{len(made)} deployments on work pool {pool}, automations made; start a worker: "
+               f"prefect worker start --pool {pool}")

@@ -53,17 +53,76 @@ def default_parameters(spec: Spec, env: dict | None = None) -> dict:
     return params
 
 
-def build_deployments(env: dict | None = None) -> list:
-    """RunnerDeployments for prefect.serve()."""
+FLEET_TAG = "nova-dr-fleet"  # marks the deployments a fleet file made: a re-run prunes those of removed clusters
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One deployment to create: what build_deployments turns into Prefect's objects."""
+    flow: str
+    name: str
+    cron: str | None
+    parameters: dict
+    tags: tuple[str, ...]
+    concurrency_limit: int | None = None
+
+
+def planned(env: dict | None = None) -> list[Planned]:
+    """This machine's one cluster (NOVA_DR_INVENTORY, NOVA_DR_STORE)."""
+    return [Planned(s.flow, s.name, s.cron, default_parameters(s, env), ("nova-dr", *s.tags)) for s in SPECS]
+
+
+def planned_fleet(fleet, path: str | None = None) -> list[Planned]:
+    """Each cluster of a fleet file: every flow as `<flow>/<cluster>`, with that cluster's
+    parameters, staggered schedules and concurrency limit. The Kubernetes-side flows only for
+    a cluster that names its kube block. With the file's path, fleet-status/fleet too."""
+    from core.fleet import cluster_cron
+
+    out = []
+    if path:
+        params = {"fleet": os.path.abspath(path), **({"textfile": fleet.metrics_textfile} if fleet.metrics_textfile else {})}
+        out.append(Planned("fleet-status", "fleet", fleet.status_cron, params, ("nova-dr", "fleet", FLEET_TAG), 1))
+    for c in fleet.clusters:
+        for s in SPECS:
+            if not s.needs_inventory and not c.kube:
+                continue
+            params = {**s.extra, **({"inventory": c.inventory} if s.needs_inventory else {"kube": c.kube}),
+                      **({"store": c.store} if s.needs_store else {}), **c.parameters.get(s.flow, {})}
+            cron = cluster_cron(fleet, c, s.flow, s.cron) if s.cron else None
+            out.append(Planned(s.flow, c.name, cron, params, ("nova-dr", *s.tags, FLEET_TAG, f"cluster:{c.name}"),
+                               c.concurrency_limit))
+    return out
+
+
+def build_deployments(env: dict | None = None, fleet=None, fleet_path: str | None = None) -> list:
+    """RunnerDeployments for prefect.serve(): this machine's cluster, or a fleet's."""
     from prefect.deployments.runner import EntrypointType
 
     from flows.registry import FLOWS
 
     out = []
-    for spec in SPECS:
-        flow = FLOWS[spec.flow]
-        out.append(flow.to_deployment(name=spec.name, cron=spec.cron, parameters=default_parameters(spec, env),
-                                      tags=["nova-dr", *spec.tags], description=(flow.description or "").split("\n")[0],
+    for p in (planned(env) if fleet is None else planned_fleet(fleet, fleet_path)):
+        flow = FLOWS[p.flow]
+        out.append(flow.to_deployment(name=p.name, cron=p.cron, parameters=p.parameters, tags=list(p.tags),
+                                      concurrency_limit=p.concurrency_limit,
+                                      description=(flow.description or "").split("\n")[0],
                                       # by module, so that a worker or runner needs the package, not this folder
                                       entrypoint_type=EntrypointType.MODULE_PATH))
     return out
+
+
+def prune_fleet(keep: list[Planned]) -> list[str]:
+    """Delete the deployments an earlier fleet file made for clusters (or flows) no longer in it.
+    Only those tagged FLEET_TAG: deployments made by hand or by plain `serve` stay."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+
+    wanted = {(p.flow, p.name) for p in keep}
+    gone = []
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        for d in client.read_deployments(deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[FLEET_TAG]))):
+            if (flows.get(d.flow_id), d.name) not in wanted:
+                client.delete_deployment(d.id)
+                gone.append(f"{flows.get(d.flow_id)}/{d.name}")
+    return sorted(gone)

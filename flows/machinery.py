@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from prefect import get_run_logger, task
 from prefect.logging import get_logger
@@ -38,6 +38,9 @@ from core.resume import resume_notes
 from flows.lock import with_lock_notes
 from tasks import datadir, etcd, service
 from tasks.remote import Connector, connect
+
+if TYPE_CHECKING:
+    from blocks.state import StateStore
 
 
 def state_dir() -> Path:
@@ -69,8 +72,20 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
+def shared() -> StateStore | None:
+    """The fleet's shared state (NOVA_DR_STATE=block:NAME), or None: this machine's state_dir()."""
+    from blocks.state import shared_state
+
+    return shared_state(os.environ.get("NOVA_DR_STATE"))
+
+
 def _done_marker(recovery_id: str) -> Path:
     return state_dir() / "recoveries" / f"{recovery_id}.done.json"
+
+
+def _is_done(recovery_id: str) -> bool:
+    st = shared()
+    return st.read(f"{recovery_id}.done.json") is not None if st else _done_marker(recovery_id).exists()
 
 
 def derive_recovery_id(flow: str, cluster: str, key: str, given: str | None) -> str:
@@ -81,18 +96,21 @@ def derive_recovery_id(flow: str, cluster: str, key: str, given: str | None) -> 
     if given:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}", given):
             raise NovaDRError(f"recovery_id {given!r}: use letters, digits, '.', '_' and '-' (at most 81)")
-        if _done_marker(given).exists():
+        if _is_done(given):
             raise NovaDRError(f"recovery {given} already completed; omit recovery_id to start a new recovery")
         return given
     base = f"{slug(flow)}-{slug(cluster)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     rid, gen = base, 1
-    while _done_marker(rid).exists():
+    while _is_done(rid):
         gen += 1
         rid = f"{base}-{gen}"
     return rid
 
 
 def mark_recovery_done(recovery_id: str, summary: dict) -> None:
+    if (st := shared()) is not None:
+        st.write(f"{recovery_id}.done.json", json.dumps(summary, indent=1, default=str).encode())
+        return
     f = _done_marker(recovery_id)
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(summary, indent=1, default=str))
@@ -386,13 +404,19 @@ def checkpoint_max_age() -> timedelta:
 def checkpoints_done(run: Run, plan: Plan) -> dict[str, str]:
     """Step id -> when an earlier run of this recovery finished it, for the live checkpoints
     (the result records run_step's cache writes, named by _checkpoint_key)."""
-    storage = state_dir() / "checkpoints"
+    storage, st = state_dir() / "checkpoints", shared()
+    written = st.modified() if st else {}
     now, out = datetime.now(timezone.utc), {}
     for s in plan.steps:
-        f = storage / f"{run.recovery_id}-{s.id}"
+        name = f"{run.recovery_id}-{s.id}"
         try:
-            meta = json.loads(f.read_text()).get("metadata", {})
-            done = datetime.fromtimestamp(f.stat().st_mtime, timezone.utc)
+            if st:
+                if name not in written or (record := st.read(name)) is None:
+                    continue
+                meta, mtime = json.loads(record).get("metadata", {}), written[name]
+            else:
+                meta, mtime = json.loads((storage / name).read_text()).get("metadata", {}), (storage / name).stat().st_mtime
+            done = datetime.fromtimestamp(mtime, timezone.utc)
         except (OSError, ValueError):
             continue
         expires = meta.get("expiration")
@@ -415,8 +439,10 @@ def with_resume_notes(run: Run, plan: Plan, facts: ClusterFacts) -> Plan:
 
 def execute_plan(run: Run, plan: Plan, actions: dict[str, Action]) -> dict[str, dict]:
     """Submit every step with its dependencies; Prefect runs what is ready in parallel."""
-    storage = state_dir() / "checkpoints"
-    storage.mkdir(mode=0o700, exist_ok=True)
+    storage = shared()
+    if storage is None:
+        storage = state_dir() / "checkpoints"
+        storage.mkdir(mode=0o700, exist_ok=True)
     futures = {}
     for s in plan.steps:
         runner = run_step.with_options(task_run_name=s.id, result_storage=storage,

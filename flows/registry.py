@@ -5,6 +5,7 @@ from __future__ import annotations
 from flows.backup import backup_master_nodes
 from flows.cronjob import install_cronjob_backup
 from flows.files import restore_files_kopia, restore_files_velero
+from flows.fleet import fleet_status
 from flows.member import plan_replace, plan_restart, replace_etcd_member, restart_etcd_member
 from flows.restore import plan_restore, restore_etcd_cluster
 from flows.space import defragment_etcd, plan_defrag, plan_space, recover_etcd_space
@@ -24,6 +25,7 @@ FLOWS = {
     "velero-backup": velero_backup,
     "restore-files-velero": restore_files_velero,
     "restore-files-kopia": restore_files_kopia,
+    "fleet-status": fleet_status,
 }
 
 PLANNERS = {

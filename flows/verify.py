@@ -5,6 +5,7 @@ failed check fails the run with one line naming the set and the check."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from prefect.artifacts import create_table_artifact
 from blocks.inventory import resolve_inventory
 from core.errors import NovaDRError
 from core.etcd import revision_after_restore
+from core.fleet import verify_key
 from core.inventory import Cluster
 from core.pki import parse_pki_listing, select_pki_files
 from core.sets import BackupSet, ahead_note, choose_set, dated_ahead, read_sets
@@ -122,25 +124,29 @@ def previous_counts(key: str) -> dict[str, int] | None:
 
 
 def restore_drill(cluster: Cluster, db: str, expected_revision: int | None,
-                  etcd_bin_dir: str | None) -> tuple[Check, Check]:
-    """expected_revision: the manifest's record of the snapshot; None for a daemon's set."""
+                  etcd_bin_dir: str | None) -> tuple[Check, Check, float | None]:
+    """expected_revision: the manifest's record of the snapshot; None for a daemon's set. The
+    third value: seconds from the snapshot to a scratch etcd that serves it (the drill's RTO)."""
     bins = find_etcd_bins(etcd_bin_dir)
     try:
+        started = time.monotonic()
         with scratch_etcd(db, bins, bump_revision=0) as drill:
+            seconds = time.monotonic() - started
             rev = drill["status"].revision
             counts = registry_counts(registry_keys(drill))
     except NovaDRError as err:
-        return Check("restore drill", "fail", str(err)[:600]), Check("drill key counts", "fail", "no drill")
+        return Check("restore drill", "fail", str(err)[:600]), Check("drill key counts", "fail", "no drill"), None
     key = f"verify-backups-drill-{mc.slug(cluster.name)}"
     warning = compare_counts(previous_counts(key), counts)
     rows = [{"resource": r, "keys": n} for r, n in counts.items()] + [{"resource": "(total)", "keys": sum(counts.values())}]
     create_table_artifact(table=rows, key=key, description="live keys under /registry/ per resource type, per drill")
     ok = expected_revision is None or rev == revision_after_restore(expected_revision)
     drill_check = Check("restore drill", "pass" if ok else "fail",
-                        f"restored into a scratch etcd, started, serves revision {rev}"
+                        f"restored into a scratch etcd, started, serves revision {rev} after {seconds:.1f}s"
                         + ("" if ok else f" (the snapshot's is {expected_revision})"))
     return drill_check, Check("drill key counts", "warn" if warning else "pass",
-                              warning or f"{sum(counts.values())} keys under /registry/ in {len(counts)} resource types")
+                              warning or f"{sum(counts.values())} keys under /registry/ in {len(counts)} resource types"
+                              ), seconds
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -195,7 +201,7 @@ def verify_backups(
         origin = check_origin(chosen, st.url, opened, allow_unsigned)
         checks.append(origin)
         if origin.status == "fail":  # nothing of a set of unknown origin is read further
-            return finish(st, chosen, checks, log)
+            return finish(st, chosen, checks, log, cluster)
         manifest = opened.doc if opened else None
         for name in chosen.files:
             st.get(name, folder / name)
@@ -215,15 +221,17 @@ def verify_backups(
         encryption, chosen = open_set(chosen, folder, manifest, identity_block)
         checks.append(encryption)
         if encryption.status == "fail":
-            return finish(st, chosen, checks, log)
+            return finish(st, chosen, checks, log, cluster)
         checks += check_contents(cluster, chosen, folder, now)
+        drill_seconds = None
         try:
             snap = prepare_snapshot(folder / chosen.etcd, folder / "etcd", chosen.nova_version)
             expected = (manifest or {}).get("etcd_snapshot", {}).get("status", {}).get("revision")
-            checks += list(restore_drill(cluster, snap.db_path, expected, etcd_bin_dir))
+            *drill, drill_seconds = restore_drill(cluster, snap.db_path, expected, etcd_bin_dir)
+            checks += drill
         except NovaDRError as err:
             checks.append(Check("restore drill", "fail", str(err)[:600]))
-    return finish(st, chosen, checks, log)
+    return finish(st, chosen, checks, log, cluster, drill_seconds)
 
 
 def check_lock(st: BackupStore, s: BackupSet, now: datetime) -> Check:
@@ -266,14 +274,21 @@ def open_set(s: BackupSet, folder: Path, manifest: dict | None, identity_block: 
                                        "its plaintext digest" + ("" if manifest else " (no manifest)")), plain
 
 
-def finish(st: BackupStore, chosen: BackupSet, checks: list[Check], log) -> dict:
+def finish(st: BackupStore, chosen: BackupSet, checks: list[Check], log, cluster: Cluster,
+           drill_seconds: float | None = None) -> dict:
     report = "\n".join([f"# verify-backups: set `{chosen.ts}` in `{st.url}`", "",
                         mc.render_table(["check", "result", "evidence"],
                                         [[c.name, c.status.upper(), c.evidence.replace("|", "/")] for c in checks])])
     mc.publish("verify-backups-report", report, "verify-backups: every check with its evidence")
     line = summary_line(chosen.ts, checks)
+    failed = any(c.status == "fail" for c in checks)
+    # Read by fleet-status (flows/fleet.py): the outcome as data, per cluster and store.
+    create_table_artifact(table=[{"set": chosen.ts, "set_at": chosen.time.timestamp(),
+                                  "result": "fail" if failed else "pass", "drill_seconds": drill_seconds,
+                                  "summary": line[:300]}], key=verify_key(cluster.name, st.url),
+                          description=f"verify-backups' outcome for {cluster.name} in {st.url}")
     for c in checks:
         log.info("%-20s %-5s %s", c.name, c.status.upper(), c.evidence)
-    if any(c.status == "fail" for c in checks):
+    if failed:
         raise NovaDRError(line)
     return {"set": chosen.ts, "checks": [c.__dict__ for c in checks], "summary": line}

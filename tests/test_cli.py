@@ -99,3 +99,32 @@ def test_backups_list_and_fetch_a_daemon_style_set(tmp_path):
     missing = subprocess.run([CLI, "backups", "fetch", "--store", str(store), "--backup", "2020-01-01_000000",
                               "--to", str(tmp_path / "x")], capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 1 and "no backup set '2020-01-01_000000'" in missing.stderr
+
+
+def test_mistakes_a_new_user_makes_get_one_line_and_change_nothing(tmp_path):
+    """Each once ended in a raw ParameterBindError traceback, or in "nobody can approve"
+    where the inventory file was simply not there."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text("cluster_name: c\n")  # never read: every refusal below comes first
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, cwd=REPO,
+                              stdin=subprocess.DEVNULL, timeout=120)
+
+    out = cli("run", "restore-etcd-cluster", "--inventory", str(inv), "--param", "snapshott=/x.db")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "restore-etcd-cluster has no parameter 'snapshott'; its parameters, the closest first: snapshot," \
+           in out.stderr and "Nothing was changed" in out.stderr, out.stderr
+    out = cli("plan", "restart-etcd-member", "--inventory", str(inv), "--param", "bogus=1")
+    assert out.returncode == 2 and "restart-etcd-member has no parameter 'bogus'" in out.stderr, out.stderr
+    for verb in ("run", "plan"):
+        out = cli(verb, "restore-etcd-cluster", "--inventory", "/no/such/file.yaml")
+        assert out.returncode == 2 and out.stderr.startswith("error: inventory /no/such/file.yaml: no such file"), \
+            out.stderr
+        assert "approv" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = cli("run", "backup-master-nodes", "--inventory", "/no/such/file.yaml", "--param", f"store={tmp_path}",
+              "--auto-approve")
+    assert "note: backup-master-nodes has no approval gate; --auto-approve changes nothing" in out.stderr, out.stderr
+    assert out.returncode == 2 and "inventory /no/such/file.yaml: no such file" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and list(tmp_path.iterdir()) == [inv]
