@@ -182,11 +182,14 @@ def test_a_fleet_on_postgres_with_two_workers(engine, tmp_path):
         members = ["etcd1", "etcd2", "etcd3"]
         holds = [hold(lab_a, m, "systemctl-stop") for m in members]
         first = run_deployment(server, "restore-etcd-cluster/fleet-a", params)
-        _wait_for(lambda: reached(holds), 300, "the restore's stops")
+        # The stops come one wave after another (the leader last): hold the first, then the env
+        # file's reads that follow every stop (set-state-new), and let the stops go on.
+        _wait_for(lambda: any(Path(f"{h}.reached").exists() for h in holds), 300, "the restore's first stop")
         later = [hold(lab_a, m, "cat-/etc/etcd.env-") for m in members]
         for h in holds:
             h.unlink()
-        _wait_for(lambda: reached(later), 60, "the stops to finish")
+        _wait_for(lambda: reached(later), 100, "the stops to finish")
+        assert [lab_a.etcd_pid(m) for m in members] == [0, 0, 0]
         dying = next(w for w in workers if first in (root / f"{w}.log").read_text())
         victims = [workers[dying].pid, *descendants(workers[dying].pid)]
         for pid in victims:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import subprocess
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import yaml
 from core.errors import NovaDRError
 from core.fleet import AMBER, GREEN, RED, parse_fleet, rpo_state, shift_cron, stagger_offset
 from deployments.catalog import FLEET_TAG, SPECS, planned_fleet
-from tests.test_deployments import API, CLI, _stop, api, wait_state
+from tests.test_deployments import API, CLI, _stop, api
+from tests.test_restore import _wait_for
 
 FLEET = """
 stagger_minutes: 60
@@ -102,83 +102,48 @@ def test_rpo_state():
     assert rpo_state(now - timedelta(hours=2), 26, True, now)[0] == GREEN
 
 
-def _serve_fleet(fleet: Path, log: Path, want: str) -> subprocess.Popen:
-    """`nova-dr serve --fleet` on the session's Prefect server (its blocks: the signing key)."""
+SERVING = "Your deployments are being served"  # Prefect's line once every deployment is registered
+
+
+def _serve_fleet(fleet: Path, log: Path) -> subprocess.Popen:
+    """`nova-dr serve --fleet` on the session's Prefect server, once it serves all it registered."""
+    before = log.read_text().count(SERVING) if log.exists() else 0
     env = dict(os.environ, PREFECT_RUNNER_POLL_FREQUENCY="2")
     p = subprocess.Popen([CLI, "serve", "--fleet", str(fleet)], cwd="/", env=env, stdout=open(log, "ab"),
                          stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while httpx.get(f"{API}/deployments/name/{want}").status_code != 200:
-        assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.5)
+    _wait_for(lambda: log.read_text().count(SERVING) > before or p.poll() is not None, 120, "nova-dr serve --fleet")
+    assert p.poll() is None, log.read_text()[-2000:]
     return p
 
 
-def _run(dep: dict) -> str:
-    return api("POST", f"/deployments/{dep['id']}/create_flow_run", json={})["id"]
-
-
-def test_a_fleet_served_backed_up_verified_and_seen_against_its_rpo(lab3, tmp_path):
-    """Three clusters from one fleet file (all on this lab's masters, each with its own store):
-    one backed up and verified (green), one backed up but older than its target (red), one never
-    backed up whose verification failed (red, with the reason). Then one leaves the fleet."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    inv, fleet, prom = str(lab3.dir / "inventory.yaml"), tmp_path / "fleet.yaml", tmp_path / "nova_dr.prom"
-    no_sv = {"INCLUDE_STARVAULT_DB_BACKUP": False}  # no StarVault runs in the lab
-    stores = {n: tmp_path / n for n in ("a", "b", "c")}
-    for s in stores.values():
-        s.mkdir()
+def test_serve_fleet_makes_each_clusters_deployments_and_prunes_a_removed_one(tmp_path):
+    """On the session's Prefect server; runs, posture and metrics are test_engine's."""
+    fleet = tmp_path / "fleet.yaml"
+    no_sv = {"INCLUDE_STARVAULT_DB_BACKUP": False}
 
     def write(names: str) -> None:
-        fleet.write_text(yaml.safe_dump({"stagger_minutes": 30, "metrics_textfile": str(prom), "clusters": [
-            {"name": f"fleet-{n}", "inventory": inv, "store": str(stores[n]), **({"rpo_hours": 0.0005} if n == "b" else {}),
-             "parameters": {"backup-master-nodes": no_sv, "verify-backups": no_sv}} for n in names]}))
+        fleet.write_text(yaml.safe_dump({"stagger_minutes": 30, "clusters": [
+            {"name": f"fleet-{n}", "inventory": f"/etc/nova-dr/{n}.yaml", "store": f"/mnt/nfs/{n}",
+             "parameters": {"backup-master-nodes": no_sv}} for n in names]}))
 
     write("abc")
-    p = _serve_fleet(fleet, tmp_path / "serve.log", "verify-backups/fleet-c")
+    p = _serve_fleet(fleet, tmp_path / "serve.log")
     try:
-        dep = {(f, c): api("GET", f"/deployments/name/{f}/fleet-{c}")
-               for f in ("backup-master-nodes", "verify-backups") for c in "abc"}
-        a = dep[("backup-master-nodes", "a")]
+        a = api("GET", "/deployments/name/backup-master-nodes/fleet-a")
         assert [s["schedule"]["cron"] for s in a["schedules"]] == [shift_cron("0 4 * * *", stagger_offset("fleet-a", 30))]
-        assert a["parameters"] == {"inventory": inv, "store": str(stores["a"]), **no_sv} and "cluster:fleet-a" in a["tags"]
-        assert a["concurrency_limit"] == 1, a
-        backups = [_run(dep[("backup-master-nodes", c)]) for c in "ab"]
-        for r in backups:
-            wait_state(r, {"COMPLETED"}, 300)
-        verifies = {c: _run(dep[("verify-backups", c)]) for c in "ac"}
-        wait_state(verifies["a"], {"COMPLETED"}, 300)
-        wait_state(verifies["c"], {"FAILED"}, 300)
-
-        out = subprocess.run([CLI, "fleet", "status", "--fleet", str(fleet), "--json", "--textfile", str(prom)],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 1 and "Traceback" not in out.stderr, out  # two clusters are red
-        rows = {r["cluster"]: r for r in map(json.loads, out.stdout.splitlines())}
-        newest = sorted(x.name for x in stores["a"].glob("nova-dr-manifest_*"))[-1]
-        ra, rb, rc = rows["fleet-a"], rows["fleet-b"], rows["fleet-c"]
-        assert ra["state"] == "green" and ra["signed"] and ra["verified"] == "pass", ra
-        assert newest == f"nova-dr-manifest_{ra['backup']}.json" and ra["backup_bytes"] > 0 and ra["drill_seconds"] > 0
-        assert rb["state"] == "red" and "over the 0.0005 h target" in rb["why"] and rb["verified"] == "never", rb
-        assert rc["state"] == "red" and rc["backup_at"] is None, rc
-        assert rc["last_failure"].startswith("verify-backups FAILED") and "no backup set at all" in rc["last_failure"]
-        metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for fam in text_string_to_metric_families(prom.read_text()) for s in fam.samples}
-        assert metrics[("nova_dr_last_backup_timestamp_seconds", (("cluster", "fleet-a"),))] == ra["backup_at"]
-        assert metrics[("nova_dr_rpo_ok", (("cluster", "fleet-a"),))] == 1
-        assert metrics[("nova_dr_rpo_ok", (("cluster", "fleet-b"),))] == 0
-        assert metrics[("nova_dr_last_verified_backup_timestamp_seconds", (("cluster", "fleet-a"),))] == ra["backup_at"]
-        assert metrics[("nova_dr_restore_drill_duration_seconds", (("cluster", "fleet-a"),))] == ra["drill_seconds"]
-        assert metrics[("nova_dr_failed_flow_runs", (("cluster", "fleet-c"), ("flow", "verify-backups")))] == 1
-        assert ("nova_dr_last_backup_timestamp_seconds", (("cluster", "fleet-c"),)) not in metrics
-
+        assert a["parameters"] == {"inventory": "/etc/nova-dr/a.yaml", "store": "/mnt/nfs/a", **no_sv}
+        assert "cluster:fleet-a" in a["tags"] and FLEET_TAG in a["tags"] and a["global_concurrency_limit"]["limit"] == 1, a
+        status = api("GET", "/deployments/name/fleet-status/fleet")
+        assert status["parameters"] == {"fleet": str(fleet)} and status["schedules"][0]["schedule"]["cron"] == "*/15 * * * *"
         # fleet-c leaves the fleet: serve again, and its deployments are gone; the others stay.
         _stop(p)
         write("ab")
-        p = _serve_fleet(fleet, tmp_path / "serve.log", "verify-backups/fleet-b")
+        p = _serve_fleet(fleet, tmp_path / "serve.log")
         assert httpx.get(f"{API}/deployments/name/verify-backups/fleet-c").status_code == 404
         assert httpx.get(f"{API}/deployments/name/restore-etcd-cluster/fleet-c").status_code == 404
         assert api("GET", "/deployments/name/backup-master-nodes/fleet-a")["id"] == a["id"]
+        gone = re.findall(r"deleted deployment (\S+): its cluster", (tmp_path / "serve.log").read_text())
+        assert sorted(gone) == sorted(f"{s.flow}/fleet-c" for s in SPECS if s.needs_inventory), gone
     finally:
         _stop(p)
         for d in api("POST", "/deployments/filter", json={"deployments": {"tags": {"all_": [FLEET_TAG]}}}):
