@@ -1,10 +1,12 @@
 """The Prefect UI as an operator uses it, in a real browser (Debian's chromium, driven by
-playwright; never playwright's own browser download): `nova-dr serve` on a port that is not
-4200, secured with its auth string; log in with it, open the paused restore, approve it."""
+playwright; never playwright's own browser download): `nova-dr serve` on this machine's
+address beyond loopback and on a port that is not 4200, secured with its auth string; log in
+with it, open the paused restore, approve it."""
 
 from __future__ import annotations
 
 import base64
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,12 +20,22 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync"]
 
 
+def outside_address() -> str:
+    """This machine's first address beyond loopback (IPv4), where operators' browsers reach it;
+    loopback only when it has none."""
+    for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split():
+        if ":" not in a and not a.startswith("127."):
+            return a
+    return "127.0.0.1"
+
+
 def test_an_operator_logs_in_and_approves_a_restore_in_the_browser(lab3, tmp_path):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "no /usr/bin/chromium: `make deps` installs Debian's chromium"
-    p, port, home, _ = own_serve(tmp_path, PREFECT_RUNNER_POLL_FREQUENCY="2")
-    url = f"http://127.0.0.1:{port}"
+    host = outside_address()  # not loopback, and not port 4200: where the UI once called the wrong API
+    p, port, home, _ = own_serve(tmp_path, "--host", host, PREFECT_RUNNER_POLL_FREQUENCY="2")
+    url = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 180
         while not (home / "nova-dr-api-auth").exists():
