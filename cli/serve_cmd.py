@@ -36,8 +36,11 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local se
           no_auth: bool = typer.Option(False, "--no-auth", help="a local server without an API auth string "
                                                                   "(loopback only)"),
           fleet: str = typer.Option(None, "--fleet", help="a fleet file: every flow as <flow>/<cluster> for each "
-                                                          "of its clusters")) -> None:
-    """Serve every nova-dr deployment (schedules, UI- and API-started runs)."""
+                                                          "of its clusters"),
+          notify: str = typer.Option(None, "--notify", help="a notification block, TYPE/NAME (e.g. "
+                                                            "custom-webhook/ops), told of every failed run")) -> None:
+    """Serve every nova-dr deployment (schedules, UI- and API-started runs). Also makes the
+    automations: runs whose machine died are marked Crashed; with --notify, failures are sent."""
     from cli.server_secrets import server_env
 
     the_fleet = _load_fleet(fleet) if fleet else None  # a bad file is said before anything starts
@@ -73,7 +76,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local se
     try:
         if server is not None:
             _wait_healthy(url, server)
-        _serve(limit, the_fleet, fleet)
+        _serve(limit, the_fleet, fleet, notify)
     finally:
         if server is not None:  # served runs stop first, then the server (it hangs otherwise)
             os.killpg(server.pid, signal.SIGTERM)
@@ -98,16 +101,35 @@ def _load_fleet(path: str):
         raise typer.Exit(2)
 
 
-def _serve(limit: int, fleet=None, fleet_path: str | None = None) -> None:
+def _serve(limit: int, fleet=None, fleet_path: str | None = None, notify: str | None = None) -> None:
     from prefect import serve as prefect_serve
 
     from deployments.catalog import build_deployments, planned_fleet, prune_fleet
+
+    _automations(notify)
 
     if fleet is not None:
         for name in prune_fleet(planned_fleet(fleet, fleet_path)):
             typer.echo(f"deleted deployment {name}: its cluster or flow is no longer in the fleet file")
 
     prefect_serve(*build_deployments(fleet=fleet, fleet_path=fleet_path), limit=limit)
+
+
+def _automations(notify: str | None) -> None:
+    """The served runs emit heartbeats (they inherit this environment), and the automations
+    that act on them and on failures exist (made again each time: this definition counts)."""
+    from core.errors import NovaDRError
+    from deployments import automations
+
+    try:
+        notify_id = automations.notification_block(notify) if notify else None
+    except NovaDRError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2)
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(automations.HEARTBEAT_SECONDS))
+    automations.ensure_zombie_automation()
+    if notify_id:
+        automations.ensure_failure_notification(notify_id)
 
 
 def deploy(fleet: str = typer.Option(..., "--fleet", help="the fleet file (YAML)"),
@@ -121,7 +143,6 @@ def deploy(fleet: str = typer.Option(..., "--fleet", help="the fleet file (YAML)
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
-    from core.errors import NovaDRError
     from deployments import automations
     from deployments.catalog import build_deployments, planned_fleet, prune_fleet
 
@@ -130,11 +151,7 @@ def deploy(fleet: str = typer.Option(..., "--fleet", help="the fleet file (YAML)
         typer.secho("error: deploy needs PREFECT_API_URL, the shared server that the workers poll; nothing was "
                     "changed", fg="red", err=True)
         raise typer.Exit(2)
-    try:
-        notify_id = automations.notification_block(notify) if notify else None
-    except NovaDRError as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        raise typer.Exit(2)
+    _automations(notify)  # a bad --notify ends here, before anything is made
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
@@ -148,8 +165,5 @@ def deploy(fleet: str = typer.Option(..., "--fleet", help="the fleet file (YAML)
         # Heartbeats, whatever the worker's own settings: the zombie automation needs them.
         d.job_variables = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(automations.HEARTBEAT_SECONDS)}}
         d.apply(work_pool_name=pool)
-    automations.ensure_zombie_automation()
-    if notify_id:
-        automations.ensure_failure_notification(notify_id)
     typer.echo(f"{len(made)} deployments on work pool {pool}, automations made; start a worker: "
                f"prefect worker start --pool {pool}")

@@ -111,6 +111,10 @@ def test_scheduled_deployments_exist(served):
     assert restore["schedules"] == []
     props = restore["parameter_openapi_schema"]["properties"]
     assert "block:NAME" in props["inventory"]["description"] and props["auto_approve"]["default"] is False
+    # A run whose machine dies is marked Crashed (test_engine sees it happen), not left Running.
+    from deployments.automations import ZOMBIE
+
+    assert ZOMBIE in [a["name"] for a in api("POST", "/automations/filter", json={})]
 
 
 def test_incident_tooling_restores_over_the_rest_api(served, lab3, tmp_path):
