@@ -148,3 +148,24 @@ def test_serve_fleet_makes_each_clusters_deployments_and_prunes_a_removed_one(tm
         _stop(p)
         for d in api("POST", "/deployments/filter", json={"deployments": {"tags": {"all_": [FLEET_TAG]}}}):
             api("DELETE", f"/deployments/{d['id']}")  # the session's server serves later tests too
+
+
+def test_fleet_status_names_what_it_cannot_read_and_goes_on(tmp_path):
+    """A cluster whose inventory is gone, one whose store is empty: each red with its reason in
+    one line, the others still read, no traceback (against the session's Prefect server)."""
+    from tests.test_inventory import _write_yaml
+
+    (tmp_path / "empty").mkdir()
+    inventory = _write_yaml(tmp_path)  # a valid inventory; no master is contacted
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"clusters": [
+        {"name": "gone", "inventory": str(tmp_path / "no-such.yaml"), "store": str(tmp_path / "empty")},
+        {"name": "empty", "inventory": inventory, "store": str(tmp_path / "empty")}]}))
+    out = subprocess.run([CLI, "fleet", "status", "--fleet", str(fleet)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert "RED" in rows["gone"] and "no-such.yaml" in rows["gone"], out.stdout
+    assert "RED" in rows["empty"] and "no complete" in rows["empty"], out.stdout
+    bad = subprocess.run([CLI, "fleet", "status", "--fleet", str(tmp_path / "nope.yaml")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: fleet file {tmp_path / 'nope.yaml'}: no such file"
