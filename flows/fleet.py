@@ -127,8 +127,9 @@ def failure_facts(p: Posture, client, flow_names: dict, now: datetime) -> None:
         r = runs[0]
         when = r.end_time or r.start_time
         p.last_failure_at = when.timestamp() if when else None
-        p.last_failure = (f"{flow_names.get(r.flow_id, '?')} {r.state.type.value if r.state else ''} "
-                          f"{when:%Y-%m-%d %H:%M} UTC: {(r.state.message if r.state else '') or ''}")[:300]
+        at = f"{when:%Y-%m-%d %H:%M} UTC" if when else "(never started)"
+        p.last_failure = (f"{flow_names.get(r.flow_id, '?')} {r.state.type.value if r.state else ''} {at}: "
+                          f"{(r.state.message if r.state else '') or ''}")[:300]
 
 
 def fleet_posture(fleet: Fleet, now: datetime | None = None) -> list[Posture]:
