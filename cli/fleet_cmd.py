@@ -55,3 +55,32 @@ def status(fleet: str = FLEET,
         typer.echo(render_table(list(table[0]), [list(r.values()) for r in table], markdown=False))
     if any(p.state == "red" for p in rows):
         raise typer.Exit(1)
+
+
+@app.command("state")
+def state(name: str = typer.Option(..., "--name", help="block name: use as NOVA_DR_STATE=block:NAME"),
+          url: str = typer.Option(..., "--url", help="s3://bucket/prefix, or a directory every worker mounts"),
+          s3_block: str = typer.Option(None, "--s3-block", help="a Nova Backup S3 Credentials block")) -> None:
+    """Save the state store every worker shares (checkpoints, finished recoveries), with a new
+    signing key. Refuses to replace an existing one: its records would no longer be trusted."""
+    from blocks.state import StateStore
+    from core.errors import NovaDRError
+
+    try:
+        StateStore.load(name)
+    except ValueError:
+        pass
+    else:
+        typer.secho(f"error: state store block {name!r} exists; its key signs the records already written. Pick "
+                    "another name, or delete it first (prefect block delete) if nothing uses it", fg="red", err=True)
+        raise typer.Exit(2)
+    block = StateStore(url=url, s3_block=s3_block)
+    try:
+        block.write("nova-dr-state-check", b"ok")  # reachable and writable, before anyone relies on it
+        if block.read("nova-dr-state-check") != b"ok":
+            raise NovaDRError(f"state {url}: what was written does not read back")
+    except NovaDRError as err:
+        typer.secho(f"error: {err}; nothing was saved", fg="red", err=True)
+        raise typer.Exit(1)
+    block.save(name)
+    typer.echo(f"saved: set NOVA_DR_STATE=block:{name} on every worker")

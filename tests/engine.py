@@ -112,3 +112,29 @@ def start_worker(server: Server, pool: str, name: str, home: Path, log: Path, **
                              name, "--limit", "1"], cwd=home,
                             env={**server.env, "NOVA_DR_HOME": str(home / "nova-dr"), **env},
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                kids = []
+            out += kids
+            todo += kids
+    return out
+
+
+def runs_on(worker: subprocess.Popen) -> set[str]:
+    """The flow runs a worker's processes run now: PREFECT__FLOW_RUN_ID in their environment
+    (its log is no witness: a worker that lost the race for a run logs that run's id too)."""
+    out = set()
+    for pid in descendants(worker.pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        out |= {e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"PREFECT__FLOW_RUN_ID=")}
+    return out

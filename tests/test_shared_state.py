@@ -48,3 +48,28 @@ def test_a_record_planted_in_the_shared_store_is_never_trusted(state_block):
             st.read_path(name, _sync=True)  # as Prefect's result store calls it: a cache miss
     # Another key (another fleet's block on the same bucket) cannot read this one's records either.
     assert StateStore(url=st.url, s3_block=st.s3_block).read("r-1-step@etcd1") is None
+
+
+def test_fleet_state_saves_a_store_that_works_and_never_replaces_one(tmp_path):
+    import subprocess
+
+    from tests.test_deployments import CLI
+
+    name, shared = f"state-{uuid.uuid4().hex[:8]}", tmp_path / "nfs"
+    shared.mkdir()
+
+    def save(n: str, url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([CLI, "fleet", "state", "--name", n, "--url", url], capture_output=True, text=True,
+                              timeout=120)
+
+    out = save(name, str(shared))
+    assert out.returncode == 0 and f"NOVA_DR_STATE=block:{name}" in out.stdout, out
+    st = StateStore.load(name)
+    st.write("r-2-stop@etcd1", b"{}")
+    assert st.read("r-2-stop@etcd1") == b"{}"
+    again = save(name, str(shared))  # a new key would disown every record written under the old one
+    assert again.returncode == 2 and "exists" in again.stderr and StateStore.load(name).hmac_key == st.hmac_key
+    bad = save(f"{name}-x", str(tmp_path / "not-mounted"))
+    assert bad.returncode == 1 and "nothing was saved" in bad.stderr and "Traceback" not in bad.stderr, bad
+    with pytest.raises(ValueError):
+        StateStore.load(f"{name}-x")
