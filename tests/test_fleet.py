@@ -169,3 +169,16 @@ def test_fleet_status_names_what_it_cannot_read_and_goes_on(tmp_path):
     bad = subprocess.run([CLI, "fleet", "status", "--fleet", str(tmp_path / "nope.yaml")], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: fleet file {tmp_path / 'nope.yaml'}: no such file"
+
+
+def test_fleet_plan_lists_the_deployments_and_touches_nothing(tmp_path):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(FLEET)
+    out = subprocess.run([CLI, "fleet", "plan", "--fleet", str(fleet)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert f"{stagger_offset('prod-b', 60)} 4 * * *" in rows["backup-master-nodes/prod-b"]
+    assert "0 */4 * * *" in rows["backup-master-nodes/prod-a"] and "s3_block=prod-a-s3" in rows["backup-master-nodes/prod-a"]
+    assert "on demand" in rows["restore-etcd-cluster/prod-b"] and "velero-backup/prod-b" not in rows
+    assert rows["fleet-status/fleet"].split()[1:6] == ["*/15", "*", "*", "*", "*"]
+    assert httpx.get(f"{API}/deployments/name/backup-master-nodes/prod-a").status_code == 404  # nothing made
