@@ -111,6 +111,10 @@ def _serve(limit: int, fleet=None, fleet_path: str | None = None, notify: str | 
     if fleet is not None:
         for name in prune_fleet(planned_fleet(fleet, fleet_path)):
             typer.echo(f"deleted deployment {name}: its cluster or flow is no longer in the fleet file")
+    # SIGINT takes the runner's own graceful stop (SIGTERM's: the served runs are cancelled). A
+    # handler of our own because serve may inherit SIGINT ignored (a script's `nova-dr serve &`,
+    # some supervisors), which Python keeps: Ctrl-C and `kill -INT` then did nothing at all.
+    signal.signal(signal.SIGINT, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
 
     prefect_serve(*build_deployments(fleet=fleet, fleet_path=fleet_path), limit=limit)
 
