@@ -1,4 +1,4 @@
-"""Prefect automations that a fleet needs, made (or remade) by `nova-dr deploy`:
+"""Prefect automations, made (or remade) by `nova-dr serve` and `nova-dr deploy`:
 
 - runs whose worker died are marked Crashed (Prefect's own recipe, "Detect zombie flows"):
   without it a run whose machine was lost stays Running for ever, and the cluster's next
@@ -55,7 +55,7 @@ def notification_block(block_name: str):
 
     try:
         return Block.load(block_name)._block_document_id
-    except ValueError as err:
+    except Exception as err:  # a name the operator typed: whatever Prefect says, in one line
         raise NovaDRError(f"notification block {block_name!r}: {err}. Name it TYPE/NAME, e.g. "
                           "custom-webhook/ops (`prefect block ls` lists them); nothing was changed") from None
 
