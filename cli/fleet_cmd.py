@@ -12,12 +12,17 @@ app = typer.Typer(help="Many clusters from one fleet file.", no_args_is_help=Tru
 FLEET = typer.Option(..., "--fleet", help="the fleet file (YAML)")
 
 
-def _fleet(path: str):
+def load_fleet_or_exit(path: str):
+    """The fleet file, checked whole (its crons, and each parameter against its flow) before
+    anything is made or read; a mistake is one line and exit 2."""
     from core.errors import NovaDRError
     from core.fleet import load_fleet
+    from deployments.catalog import planned_fleet
 
     try:
-        return load_fleet(path)
+        fleet = load_fleet(path)
+        planned_fleet(fleet)
+        return fleet
     except NovaDRError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(2)
@@ -30,7 +35,7 @@ def plan(fleet: str = FLEET) -> None:
     from flows.machinery import render_table
 
     rows = [[f"{p.flow}/{p.name}", p.cron or "on demand", " ".join(f"{k}={v}" for k, v in p.parameters.items())]
-            for p in planned_fleet(_fleet(fleet), fleet)]
+            for p in planned_fleet(load_fleet_or_exit(fleet), fleet)]
     typer.echo(render_table(["deployment", "schedule (UTC)", "parameters"], rows, markdown=False))
 
 
@@ -43,7 +48,7 @@ def status(fleet: str = FLEET,
     from flows.fleet import fleet_posture, write_metrics
     from flows.machinery import render_table
 
-    rows = fleet_posture(_fleet(fleet))
+    rows = fleet_posture(load_fleet_or_exit(fleet))
     now = datetime.now(timezone.utc)
     if textfile:
         write_metrics(rows, textfile)

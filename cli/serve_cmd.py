@@ -43,7 +43,9 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local se
     automations: runs whose machine died are marked Crashed; with --notify, failures are sent."""
     from cli.server_secrets import server_env
 
-    the_fleet = _load_fleet(fleet) if fleet else None  # a bad file is said before anything starts
+    from cli.fleet_cmd import load_fleet_or_exit
+
+    the_fleet = load_fleet_or_exit(fleet) if fleet else None  # a bad file is said before anything starts
     server = None
     if not os.environ.get("PREFECT_API_URL"):
         loopback = host in ("127.0.0.1", "localhost", "::1")
@@ -88,17 +90,6 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="where a local se
 
 def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
-
-
-def _load_fleet(path: str):
-    from core.errors import NovaDRError
-    from core.fleet import load_fleet
-
-    try:
-        return load_fleet(path)
-    except NovaDRError as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        raise typer.Exit(2)
 
 
 def _serve(limit: int, fleet=None, fleet_path: str | None = None, notify: str | None = None) -> None:
@@ -147,10 +138,11 @@ def deploy(fleet: str = typer.Option(..., "--fleet", help="the fleet file (YAML)
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
+    from cli.fleet_cmd import load_fleet_or_exit
     from deployments import automations
     from deployments.catalog import build_deployments, planned_fleet, prune_fleet
 
-    the_fleet = _load_fleet(fleet)
+    the_fleet = load_fleet_or_exit(fleet)
     if not os.environ.get("PREFECT_API_URL"):
         typer.secho("error: deploy needs PREFECT_API_URL, the shared server that the workers poll; nothing was "
                     "changed", fg="red", err=True)

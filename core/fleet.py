@@ -155,7 +155,12 @@ def shift_cron(cron: str, minutes: int) -> str:
 def cluster_cron(fleet: Fleet, c: FleetCluster, flow: str, default: str) -> str:
     given = {"backup-master-nodes": c.backup_cron, "verify-backups": c.verify_cron,
              "defragment-etcd": c.defrag_cron}.get(flow)
-    return given or shift_cron(default, stagger_offset(c.name, fleet.stagger_minutes))
+    if given:
+        try:
+            return shift_cron(given, 0)  # as written; only its shape is checked here
+        except NovaDRError as err:
+            raise NovaDRError(f"cluster {c.name}: {err}") from None
+    return shift_cron(default, stagger_offset(c.name, fleet.stagger_minutes))
 
 
 # -- posture -----------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def planned_fleet(fleet, path: str | None = None) -> list[Planned]:
     a cluster that names its kube block. With the file's path, fleet-status/fleet too."""
     from core.fleet import cluster_cron
 
+    check_fleet_parameters(fleet)
     out = []
     if path:
         params = {"fleet": os.path.abspath(path), **({"textfile": fleet.metrics_textfile} if fleet.metrics_textfile else {})}
@@ -92,6 +93,37 @@ def planned_fleet(fleet, path: str | None = None) -> list[Planned]:
             out.append(Planned(s.flow, c.name, cron, params, ("nova-dr", *s.tags, FLEET_TAG, f"cluster:{c.name}"),
                                c.concurrency_limit))
     return out
+
+
+def check_fleet_parameters(fleet) -> None:
+    """Each cluster's `parameters`: flows that have a deployment per cluster, parameters they
+    take and the cluster's own fields do not set. Refused here, in one line, rather than as a
+    ParameterBindError in every scheduled run."""
+    import difflib
+    import inspect
+
+    from core.errors import NovaDRError
+    from flows.registry import FLOWS
+
+    specs = {s.flow: s for s in SPECS}
+    for c in fleet.clusters:
+        for flow, params in c.parameters.items():
+            if flow not in specs:
+                near = difflib.get_close_matches(flow, list(specs), n=1)
+                raise NovaDRError(f"fleet file: clusters[{c.name}].parameters: no flow {flow!r} per cluster"
+                                  + (f"; did you mean {near[0]!r}?" if near else ""))
+            s = specs[flow]
+            own = {"inventory"} if s.needs_inventory else {"kube"}
+            own |= {"store"} if s.needs_store else set()
+            known = inspect.signature(FLOWS[flow].fn).parameters
+            for key in params:
+                if key in own:
+                    raise NovaDRError(f"fleet file: clusters[{c.name}].parameters.{flow}: {key!r} is set by the "
+                                      "cluster's own field")
+                if key not in known:
+                    near = difflib.get_close_matches(key, list(known), n=1)
+                    raise NovaDRError(f"fleet file: clusters[{c.name}].parameters.{flow}: {key!r} is not a parameter"
+                                      + (f"; did you mean {near[0]!r}?" if near else ""))
 
 
 def build_deployments(env: dict | None = None, fleet=None, fleet_path: str | None = None) -> list:

@@ -93,6 +93,31 @@ def test_a_bad_fleet_file_is_named_in_one_line(text, said):
     assert str(err.value).startswith("fleet file fleet.yaml: ") and said in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("cluster,said", [
+    ("parameters: {backup-master-node: {s3_block: x}}",
+     "clusters[a].parameters: no flow 'backup-master-node' per cluster; did you mean 'backup-master-nodes'?"),
+    ("parameters: {fleet-status: {textfile: /x}}", "clusters[a].parameters: no flow 'fleet-status' per cluster"),
+    ("parameters: {backup-master-nodes: {s3_blok: x}}",
+     "clusters[a].parameters.backup-master-nodes: 's3_blok' is not a parameter; did you mean 's3_block'?"),
+    ("parameters: {verify-backups: {store: /elsewhere}}",
+     "clusters[a].parameters.verify-backups: 'store' is set by the cluster's own field"),
+    ("backup_cron: '0 4 * *'", "cluster a: cron '0 4 * *': write five fields"),
+])
+def test_a_fleet_mistake_is_refused_before_any_deployment_is_made(cluster, said):
+    """(A recovery's deployment may preset its store: the cluster's own field does not set it.)"""
+    fleet = parse_fleet(f"clusters:\n  - {{name: a, inventory: i.yaml, store: /s, {cluster}}}\n", "f")
+    with pytest.raises(NovaDRError) as err:
+        planned_fleet(fleet)
+    assert said in str(err.value), str(err.value)
+
+
+def test_a_recovery_may_preset_its_store():
+    fleet = parse_fleet("clusters:\n  - {name: a, inventory: i.yaml, store: /s, parameters: "
+                        "{restore-etcd-cluster: {store: /s, backup: latest}}}\n", "f")
+    got = {(p.flow, p.name): p for p in planned_fleet(fleet)}
+    assert got[("restore-etcd-cluster", "a")].parameters == {"inventory": "i.yaml", "store": "/s", "backup": "latest"}
+
+
 def test_rpo_state():
     now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
     assert rpo_state(None, 26, True, now)[0] == RED
@@ -182,3 +207,6 @@ def test_fleet_plan_lists_the_deployments_and_touches_nothing(tmp_path):
     assert "on demand" in rows["restore-etcd-cluster/prod-b"] and "velero-backup/prod-b" not in rows
     assert rows["fleet-status/fleet"].split()[1:6] == ["*/15", "*", "*", "*", "*"]
     assert httpx.get(f"{API}/deployments/name/backup-master-nodes/prod-a").status_code == 404  # nothing made
+    fleet.write_text(FLEET.replace("s3_block: prod-a-s3", "s3_blok: prod-a-s3"))
+    bad = subprocess.run([CLI, "fleet", "plan", "--fleet", str(fleet)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'s3_blok' is not a parameter" in bad.stderr, bad
