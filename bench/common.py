@@ -169,3 +169,81 @@ def report_prefect_costs() -> None:
     base, per_task = prefect_costs()
     print(f"{'Prefect: an empty flow run':32} {base:7.2f} s")
     print(f"{'Prefect: each task in a chain':32} {per_task:7.3f} s")
+
+
+# -- links like real ones, and the OpenSSH floors -----------------------------------------
+FLOORS = Path(__file__).resolve().parent / "floors"
+
+
+class Link:
+    """The flow machine's link to the lab shaped to a profile of lab/links.py (bandwidth by tc
+    on the lab's bridge, a round-trip time through delaying forwarders). Inside, `inventory`
+    reaches the masters through it, and `floor(script, *args)` runs an OpenSSH floor the same
+    way; `bytes()` counts what crossed the link."""
+
+    def __init__(self, lab: Lab, profile: str):
+        self.lab, self.profile = lab, profile
+        self.forwarders = []
+
+    def __enter__(self) -> "Link":
+        import yaml
+
+        from lab.links import PROFILES, DelayForwarder, shape
+
+        mbit, rtt = PROFILES[self.profile]
+        net = self.lab.state()["net"]
+        if mbit:
+            shape(net, mbit)
+        inv = yaml.safe_load((self.lab.dir / "inventory.yaml").read_text())
+        known = (self.lab.dir / "known_hosts").read_text().splitlines()
+        self.ssh = {}  # member -> (host, port) the floor and the flow use
+        for m in inv["masters"]:
+            self.ssh[m["etcd_member"]] = (m["address"], 22)
+            if rtt:
+                fwd = DelayForwarder(_free_port(), m["address"], 22, rtt / 2).__enter__()
+                self.forwarders.append(fwd)
+                key = next(line.split(" ", 1)[1] for line in known if line.split()[0] == m["address"])
+                known.append(f"[127.0.0.1]:{fwd.listen_port} {key}")
+                m.update(peer_url=f"https://{m['address']}:2380", client_url=f"https://{m['address']}:2379",
+                         address="127.0.0.1", ssh_port=fwd.listen_port)
+                self.ssh[m["etcd_member"]] = ("127.0.0.1", fwd.listen_port)
+        (self.lab.dir / f"known_hosts-{self.profile}").write_text("\n".join(known) + "\n")
+        inv["ssh"]["known_hosts_file"] = f"known_hosts-{self.profile}"
+        self.inventory = self.lab.dir / f"inventory-{self.profile}.yaml"
+        self.inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
+        self.masters = inv["masters"]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from lab.links import unshape
+
+        for f in self.forwarders:
+            f.__exit__()
+        unshape(self.lab.state()["net"])
+
+    def bytes(self) -> int:
+        from lab.links import link_bytes
+
+        return link_bytes(self.lab.state()["net"])
+
+    def floor(self, script: str, *args: str) -> None:
+        from lab.accounts import USER
+
+        lines = [f"{m['etcd_member']} {self.ssh[m['etcd_member']][0]} {self.ssh[m['etcd_member']][1]} "
+                 f"{m.get('peer_url') or 'https://' + m['address'] + ':2380'} "
+                 f"{m.get('client_url') or 'https://' + m['address'] + ':2379'}" for m in self.masters]
+        env = {**os.environ, "FLOOR_KEY": str(self.lab.dir / "ssh/id_ed25519"),
+               "FLOOR_KNOWN_HOSTS": str(self.lab.dir / f"known_hosts-{self.profile}"), "FLOOR_USER": USER,
+               "FLOOR_MASTERS": "\n".join(lines)}
+        p = subprocess.run(["bash", str(FLOORS / script), *args], env=env, capture_output=True, text=True,
+                           timeout=3600)
+        if p.returncode:
+            raise RuntimeError(f"{script} failed ({p.returncode}): {p.stderr.strip()[-800:]}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
