@@ -18,16 +18,45 @@ os.environ.setdefault("NOVA_DR_HOME", tempfile.mkdtemp(prefix="nova-dr-bench-"))
 from lab.lab import Lab, etcd_bin_dir  # noqa: E402
 
 
+def value(seed: int) -> bytes:
+    """About 1 MiB (under etcd's 1.5 MiB request limit) of what Kubernetes keeps in etcd:
+    small JSON objects with random names, uids, versions and tokens. It compresses about 4x
+    with gzip, as real control-plane data does; random bytes would not compress at all and
+    would hide what sending compressed bytes saves on a slow link."""
+    import base64
+    import json
+    import random
+
+    r, out, size = random.Random(seed), [], 0
+    while size < (1 << 20) - 4096:
+        uid = "%08x-%04x-%04x-%04x-%012x" % tuple(r.getrandbits(b) for b in (32, 16, 16, 16, 48))
+        obj = {"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": f"app-{r.getrandbits(24):06x}", "uid": uid,
+                            "namespace": r.choice(["default", "kube-system", "payments", "web"]),
+                            "resourceVersion": str(r.randrange(10**6, 10**8)),
+                            "labels": {"app": r.choice(["web", "api", "db"]), "tier": "backend"}},
+               "data": {"token": base64.b64encode(r.randbytes(18)).decode(),
+                        "config": f"replicas={r.randrange(1, 9)}\nport={r.randrange(1000, 9999)}\n"}}
+        line = json.dumps(obj, separators=(",", ":")) + "\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out).encode()
+
+
 def fill(lab: Lab, mb: int, start: int = 0) -> None:
-    """1 MiB values (under etcd's 1.5 MiB request limit), so filling is quick. `start` numbers
-    the keys on from an earlier fill."""
-    value = Path(tempfile.mkstemp()[1])
-    value.write_bytes(os.urandom(1 << 20))
+    """`mb` values of about 1 MiB each (see `value`), so filling is quick. `start` numbers the
+    keys on from an earlier fill."""
+    values = []
+    for seed in range(8):
+        p = Path(tempfile.mkstemp()[1])
+        p.write_bytes(value(seed))
+        values.append(p)
     for i in range(start, start + mb):
-        with open(value, "rb") as f:
+        with open(values[i % 8], "rb") as f:
             subprocess.run([str(etcd_bin_dir() / "etcdctl"), "put", f"/registry/bench/{i:05d}"], stdin=f,
                            env=lab.etcdctl_env(), check=True, capture_output=True)
-    value.unlink()
+    for p in values:
+        p.unlink()
 
 
 def rss() -> int:
@@ -64,31 +93,83 @@ def timed(fn, *args, **kw) -> float:
     return time.monotonic() - t0
 
 
-def busy(intervals: list[tuple[float, float]]) -> float:
+def busy(intervals) -> float:
     """Seconds during which at least one command was running (the union of the intervals)."""
     total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
+    for a, b, *_ in sorted(intervals):
         if b > end:
             total += b - max(a, end)
             end = b
     return total
 
 
-class FlowTimes:
-    """Wall time of each flow run, and its orchestration overhead: the wall time during which
-    no SSH command was running anywhere (Prefect, planning, Python, local hashing)."""
+def _pools_keep_context() -> None:
+    """Count the SSH commands of a step's own fan-out (a thread pool inside it) as the step's:
+    the stdlib's pools do not carry contextvars (Prefect's task context) into their threads.
+    For the benchmarks' accounting only."""
+    import concurrent.futures
+    import contextvars
 
-    def __init__(self):
+    submit = concurrent.futures.ThreadPoolExecutor.submit
+    if getattr(submit, "_keeps_context", False):
+        return
+
+    def keeping(self, fn, /, *args, **kwargs):
+        return submit(self, contextvars.copy_context().run, fn, *args, **kwargs)
+
+    keeping._keeps_context = True
+    concurrent.futures.ThreadPoolExecutor.submit = keeping
+
+
+_pools_keep_context()
+
+
+def step_kind(name: str) -> str:
+    """A step's kind, without its master ("copy-snapshot@etcd2" -> "copy-snapshot")."""
+    return name.split("@", 1)[0] or "(flow: lock, outside steps)"
+
+
+class FlowTimes:
+    """Wall time of each flow run, its orchestration overhead (the wall time during which no
+    SSH command was running anywhere: Prefect, planning, Python, local hashing), the bytes
+    that crossed the link, and the SSH commands of each kind of step (each costs at least two
+    round trips: the channel's open and the command's end)."""
+
+    def __init__(self, link: "Link | None" = None):
+        self.link = link
         self.walls: list[float] = []
         self.overheads: list[float] = []
+        self.bytes: list[int] = []
+        self.commands: dict[str, int] = {}
 
     def run(self, fn, *args, **kw) -> float:
         from tasks.remote import record_commands
 
+        b0 = self.link.bytes() if self.link else 0
         with record_commands() as log:
             wall = timed(fn, *args, **kw)
         self.walls.append(wall)
         self.overheads.append(wall - busy(log))
+        self.bytes.append(self.link.bytes() - b0 if self.link else 0)
+        self.commands = {}
+        for *_, step in log:
+            self.commands[step_kind(step)] = self.commands.get(step_kind(step), 0) + 1
+        return wall
+
+
+class Timed:
+    """Wall times and link bytes of a floor's runs."""
+
+    def __init__(self, link: "Link | None" = None):
+        self.link = link
+        self.walls: list[float] = []
+        self.bytes: list[int] = []
+
+    def run(self, fn, *args, **kw) -> float:
+        b0 = self.link.bytes() if self.link else 0
+        wall = timed(fn, *args, **kw)
+        self.walls.append(wall)
+        self.bytes.append(self.link.bytes() - b0 if self.link else 0)
         return wall
 
 
@@ -152,17 +233,24 @@ class BenchLab:
             print(f"benchmark failed; the lab's files are kept in {self.lab.dir}")
 
 
-def report(title: str, floor_name: str, flow_name: str, floors: list[float], flows: FlowTimes, goal: str) -> None:
+def report(title: str, floors: dict[str, "Timed"], flow_name: str, flows: FlowTimes, goal: str) -> dict:
+    """Medians of every floor and of the flow, the flow's ratio to each floor, and where the
+    flow's time and round trips went. Returns the medians by name."""
     import statistics
 
-    f, g = statistics.median(floors), statistics.median(flows.walls)
+    med = {name: statistics.median(t.walls) for name, t in floors.items()}
+    g = med[flow_name] = statistics.median(flows.walls)
+    print(f"\n{title}, median of {len(flows.walls)}")
+    for name, t in [*floors.items(), (flow_name, flows)]:
+        mb = f"{statistics.median(t.bytes) / 1e6:8.1f} MB on the link" if any(t.bytes) else ""
+        print(f"{name:34} {med[name]:7.2f} s  {mb}   runs: {', '.join(f'{x:.2f}' for x in t.walls)}")
+    for name in floors:
+        print(f"{'ratio flow / ' + name:34} {g / med[name]:7.2f} x")
+    print(f"{'goal':34} {goal}")
     o = statistics.median(flows.overheads)
-    print(f"\n{title}, median of {len(floors)}")
-    print(f"{floor_name:32} {f:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in floors)}")
-    print(f"{flow_name:32} {g:7.2f} s   runs: {', '.join(f'{x:.2f}' for x in flows.walls)}")
-    print(f"{'ratio flow/floor':32} {g / f:7.2f} x   (goal: {goal})")
-    print(f"{'orchestration overhead':32} {o:7.2f} s   (flow wall time with no SSH command running: "
-          f"{100 * o / g:.0f}% of the flow)")
+    print(f"{'orchestration overhead':34} {o:7.2f} s  (no SSH command running: {100 * o / g:.0f}% of the flow)")
+    print(f"{'SSH commands per kind of step':34} " + ", ".join(f"{k} {v}" for k, v in sorted(flows.commands.items())))
+    return med
 
 
 def report_prefect_costs() -> None:

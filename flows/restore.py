@@ -7,7 +7,9 @@ an approval gate, then a DAG of idempotent steps with checkpoints keyed on the r
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import Future
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from core.plan import Plan, Step
 from core.restore_plan import FOLLOW_UPS, build_restore_plan
 from core.snapshot import SnapshotCheck, prepare_snapshot
 from flows import machinery as mc
-from core.etcd import revision_after_restore, summarize_log, work_timeout
+from core.etcd import restore_argv, revision_after_restore, summarize_log, supports_bump_revision, work_timeout
 from flows.actions import not_converged, on, quarantine_name, read_status_rows, stop_etcd
 from flows.machinery import Run
 from flows.lock import cluster_lock
@@ -39,10 +41,7 @@ FLOW_NAME = "restore-etcd-cluster"
 
 def copy_snapshot(run: Run, step: Step, up: dict) -> str:
     conn, m = on(run, step)
-    snap: SnapshotCheck = run.data["snapshot"]
-    if datadir.staging_state(conn, m, run.recovery_id) == "swapped":
-        return "not needed: restored data already in place"
-    return datadir.copy_snapshot(conn, m, snap.db_path, snap.sha256, run.recovery_id)
+    return datadir.copy_snapshot(conn, m, run.data["snapshot"], run.recovery_id)
 
 
 def check_snapshot(run: Run, step: Step, up: dict) -> dict:
@@ -53,19 +52,22 @@ def check_snapshot(run: Run, step: Step, up: dict) -> dict:
 
 def restore_staging(run: Run, step: Step, up: dict) -> dict:
     conn, m = on(run, step)
-    state = datadir.staging_state(conn, m, run.recovery_id)
-    if state != "none":
-        return {"state": f"already {state}", "bumped": etcd.bump_for(conn, m, step.args["bump_revision"])}
+    probe = datadir.probe_staging(conn, m, run.recovery_id)
+    asked = step.args["bump_revision"]
+    bump = asked if asked and supports_bump_revision(probe.restore_help) else 0
+    if probe.state != "none":
+        return {"state": f"already {probe.state}", "bumped": bump}
     wd = datadir.work_dir(m, run.recovery_id)
     snap: SnapshotCheck = run.data["snapshot"]
-    if datadir.remote_size(conn, f"{wd}/snapshot.db") != snap.size:
+    if probe.snapshot_size != snap.size:
         # The copy's checkpoint says done, but the master says otherwise (its work dir was
         # cleaned, or lived on a disk that is gone): the master decides. Copy it again.
-        datadir.copy_snapshot(conn, m, snap.db_path, snap.sha256, run.recovery_id)
-    argv, out = etcd.restore_command(conn, m, run.cluster, f"{wd}/snapshot.db", f"{wd}/staging.tmp",
-                                     step.args["bump_revision"])
+        datadir.copy_snapshot(conn, m, snap, run.recovery_id)
+    argv = ["env", "ETCDCTL_API=3", *restore_argv(probe.binary, f"{wd}/snapshot.db", f"{wd}/staging.tmp",
+                                                  m.etcd_member, run.cluster.initial_cluster(), run.cluster.etcd_token,
+                                                  m.peer_url, bump)]
     said = datadir.restore_into_staging(conn, m, run.recovery_id, argv, work_timeout(snap.size))
-    return {"state": said, **out}
+    return {"state": said, "binary": probe.binary, "bumped": bump, "bump_supported": bool(bump) or not asked}
 
 
 def park_manifest(run: Run, step: Step, up: dict) -> str:
@@ -86,9 +88,8 @@ def swap_data(run: Run, step: Step, up: dict) -> dict:
     # The checkpoint may say "stopped", but someone may have started etcd since: the master
     # decides. Never move a data dir from under a running member.
     service.stop_etcd(conn, m)
-    q = datadir.find_quarantine(conn, m, run.recovery_id) or quarantine_name(run, m)
-    result = datadir.swap_in_restored(conn, m, run.recovery_id, q)
-    return {"result": result, "quarantine": datadir.find_quarantine(conn, m, run.recovery_id) or "(nothing to keep)"}
+    result, kept = datadir.swap_in_restored(conn, m, run.recovery_id, quarantine_name(run, m))
+    return {"result": result, "quarantine": kept or "(nothing to keep)"}
 
 
 def clean_work(run: Run, step: Step, up: dict) -> str:
@@ -197,8 +198,17 @@ def refuse_unsafe(facts: ClusterFacts, snapshot: SnapshotCheck) -> None:
                              f"(need about {2 * snapshot.size + (64 << 20)} bytes); nothing was changed")
 
 
+def contents_of(run: Run):
+    """What the snapshot holds, once read (prepare() started reading it beside the preflight)."""
+    c = run.data.get("contents")
+    if isinstance(c, Future):
+        c = run.data["contents"] = c.result()
+    return c
+
+
 def make_plan(run: Run, facts: ClusterFacts) -> Plan:
     snap: SnapshotCheck = run.data["snapshot"]
+    contents = contents_of(run)  # first: a failed read adds its warning
     warnings = list(snap.warnings)
     if facts.has_quorum:
         warnings.append(f"the cluster still has quorum ({len(facts.healthy)} of {facts.voting_members} healthy): "
@@ -206,9 +216,9 @@ def make_plan(run: Run, facts: ClusterFacts) -> Plan:
                         "replace-etcd-member or restart-etcd-member instead")
     return build_restore_plan(run.cluster, facts, run.recovery_id, snapshot_name=snap.source.rsplit("/", 1)[-1],
                               snapshot_sha256=snap.sha256, bump_revision=run.data["bump_revision"],
+                              archive_member=snap.archive_member,
                               delete_old_data=run.data["delete_old_data"], warnings=warnings,
-                              contents=run.data["contents"].line(datetime.now(timezone.utc))
-                              if run.data["contents"] else None)
+                              contents=contents.line(datetime.now(timezone.utc)) if contents else None)
 
 
 def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block: str | None,
@@ -261,8 +271,24 @@ def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow
     if bump_revision < 0:
         raise NovaDRError(f"bump_revision={bump_revision}: give 0 (no bump) or a positive number")
     rid = mc.derive_recovery_id(FLOW_NAME, cluster.name, snap.sha256, recovery_id)
+    # Read in a scratch etcd on this machine while the lock is taken and the preflight reads
+    # the masters (seconds at 200 MB): the plan is the first to need it.
     return Run(FLOW_NAME, cluster, rid, data={"snapshot": snap, "bump_revision": bump_revision,
-                                               "delete_old_data": delete_old_data, "contents": read_contents(snap)})
+                                               "delete_old_data": delete_old_data,
+                                               "contents": in_background(read_contents, snap)})
+
+
+def in_background(fn, *args) -> Future:
+    f = Future()
+
+    def go():
+        try:
+            f.set_result(fn(*args))
+        except BaseException as e:  # the waiter gets it; nothing dies unseen in this thread
+            f.set_exception(e)
+
+    threading.Thread(target=go, daemon=True).start()
+    return f
 
 
 def read_contents(snap: SnapshotCheck):
@@ -376,8 +402,8 @@ def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, app
         f"- approved by: {approval['approved_by']} ({approval.get('reason') or 'no reason given'}), through "
         f"{approval.get('via', '?')}",
         f"- expected revision {v['expected_revision']}; {bumped}",
-        f"- what the snapshot held: {run.data['contents'].line(datetime.now(timezone.utc))}"
-        if run.data.get("contents") else "- what the snapshot held: not read on this machine", "",
+        f"- what the snapshot held: {contents_of(run).line(datetime.now(timezone.utc))}"
+        if contents_of(run) else "- what the snapshot held: not read on this machine", "",
         "## Before", mc.facts_table(before), "", "## After", after, "",
         "## Steps", mc.step_table(results, flow_run_id), "",
         "## Old data (quarantine)", *(quarantine or ["- none"]), "",

@@ -8,11 +8,13 @@ Shell snippets are constants; every value reaches them as a quoted positional ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from core.etcd import set_env_var
+from core.etcd import set_env_var, work_timeout
 from core.facts import parse_probe
 from core.inventory import Master
+from core.snapshot import SnapshotCheck
 from tasks.remote import Connector
 
 PROBE = r"""
@@ -39,7 +41,10 @@ exit 0
 # there even when the member dir was wiped.
 SWAP = r"""
 set -eu
-d=$1; stage=$2; q=$3; marker=$4
+d=$1; stage=$2; q=$3; marker=$4; rid=$5
+# A quarantine this recovery made already (a re-run) is the one: one command, not three.
+for f in "$d"/nova-dr-quarantine-*-"$rid"; do [ -d "$f" ] && q=$f; done
+trap '[ -d "$q" ] && echo "quarantine=$q"' EXIT
 [ -e "$marker" ] && { echo already; exit 0; }
 like_data_dir() {
   chown -R --reference="$d" "$@"
@@ -128,29 +133,68 @@ def remote_size(conn: Connector, path: str) -> int | None:
     return int(res.stdout) if res.code == 0 and res.stdout.strip().isdigit() else None
 
 
-def copy_snapshot(conn: Connector, master: Master, local_db: str, sha256: str, recovery_id: str) -> str:
-    """Put the snapshot in this recovery's work dir on the master; skip when already there."""
+# One command for everything the copy must know first (a re-run's "already done" and the
+# folders): on a 20 ms link each command is two round trips or more.
+COPY_CHECK = r"""
+set -eu
+wd=$1 target=$2 want=$3 d=$4 ensure=$5; shift 5
+[ -e "$wd/swapped" ] && { echo swapped; exit 0; }
+if [ -f "$target" ] && [ "$(sha256sum "$target" | cut -d' ' -f1)" = "$want" ]; then echo there; exit 0; fi
+sh -c "$ensure" ensure "$d" "$@" >/dev/null
+mkdir -p "$wd" && chmod 0700 "$d" "$wd"
+echo copy
+"""
+
+
+def copy_snapshot(conn: Connector, master: Master, snap: SnapshotCheck, recovery_id: str) -> str:
+    """Put the snapshot in this recovery's work dir on the master; skip when already there,
+    or when this master's restored data is already in place."""
     wd = work_dir(master, recovery_id)
     target = f"{wd}/snapshot.db"
-    if remote_sha256(conn, target) == sha256:
+    said = conn.run(["sh", "-c", COPY_CHECK, "copy", wd, target, snap.sha256, master.paths.data_dir, ENSURE_DATA_DIR,
+                     *master.paths.service_user], timeout=max(120, work_timeout(snap.size))).stdout.strip()
+    if said == "swapped":
+        return "not needed: restored data already in place"
+    if said == "there":
         return "already there"
-    ensure_data_dir(conn, master)
-    conn.run(["sh", "-c", 'mkdir -p "$1" && chmod 0700 "$2" "$1"', "mkdir", wd, master.paths.data_dir])
-    # No second hash pass over the copy: SSH checks every byte in transit, the copy gets its
-    # name only once complete, and the staging restore on this master checks the snapshot's
-    # own sha256 trailer before anything stops (a pass per master cost ~1 s at 250 MB).
-    conn.put_file(local_db, target, mode=0o600)
+    # No second hash pass over the copy: SSH checks every byte in transit, gzip's CRC every
+    # unpacked one, the copy gets its name only once complete and of the right size, and the
+    # staging restore on this master checks the snapshot's own sha256 trailer before anything
+    # stops (a pass per master cost ~1 s at 250 MB).
+    if snap.archive_member:  # the archive, about 4x smaller than the .db, unpacked there
+        conn.put_file(snap.source, target, mode=0o600, unpack=snap.archive_member, size=snap.size)
+        return "copied (compressed)"
+    conn.put_file(snap.db_path, target, mode=0o600)
     return "copied"
 
 
-def staging_state(conn: Connector, master: Master, recovery_id: str) -> str:
-    """swapped | staged | none"""
-    wd = work_dir(master, recovery_id)
-    if conn.run(["test", "-e", f"{wd}/swapped"], check=False).code == 0:
-        return "swapped"
-    if conn.run(["test", "-d", f"{wd}/staging/member"], check=False).code == 0:
-        return "staged"
-    return "none"
+# What the staging restore must know, in one command: the staging state, the copy's size,
+# which binary restores, and its --help (whether it can bump the revision).
+STAGING_PROBE = r"""
+wd=$1 utl=$2 ctl=$3
+if [ -e "$wd/swapped" ]; then s=swapped; elif [ -d "$wd/staging/member" ]; then s=staged; else s=none; fi
+if [ -n "$utl" ] && [ -x "$utl" ]; then b=$utl; else b=$ctl; fi
+echo "$s $(stat -c %s "$wd/snapshot.db" 2>/dev/null || echo -)"
+echo "$b"
+ETCDCTL_API=3 "$b" snapshot restore --help 2>&1 || true
+"""
+
+
+@dataclass(frozen=True)
+class StagingProbe:
+    state: str  # swapped | staged | none
+    snapshot_size: int | None  # of this recovery's copy on the master; None: not there
+    binary: str  # etcdutl where the master has it (etcdctl's restore is deprecated in 3.5)
+    restore_help: str
+
+
+def probe_staging(conn: Connector, master: Master, recovery_id: str) -> StagingProbe:
+    p = master.paths
+    out = conn.run(["sh", "-c", STAGING_PROBE, "probe", work_dir(master, recovery_id), p.etcdutl or "",
+                    p.etcdctl]).stdout
+    first, binary, *help_lines = out.split("\n")
+    state, size = first.split()
+    return StagingProbe(state, int(size) if size.isdigit() else None, binary, "\n".join(help_lines))
 
 
 def restore_into_staging(conn: Connector, master: Master, recovery_id: str, argv: list[str],
@@ -164,10 +208,15 @@ def restore_into_staging(conn: Connector, master: Master, recovery_id: str, argv
     return res.stdout.strip()
 
 
-def swap_in_restored(conn: Connector, master: Master, recovery_id: str, quarantine: str) -> str:
+def swap_in_restored(conn: Connector, master: Master, recovery_id: str, quarantine: str) -> tuple[str, str | None]:
+    """Quarantine the old member dir (in `quarantine`, or the one this recovery made already)
+    and rename the restored one into place. Returns what was done and the quarantine, if any."""
     wd = work_dir(master, recovery_id)
-    res = conn.run(["sh", "-c", SWAP, "sh", master.paths.data_dir, f"{wd}/staging", quarantine, f"{wd}/swapped"])
-    return res.stdout.strip().replace("\n", ", ")
+    res = conn.run(["sh", "-c", SWAP, "sh", master.paths.data_dir, f"{wd}/staging", quarantine, f"{wd}/swapped",
+                    recovery_id])
+    lines = res.stdout.strip().splitlines()
+    kept = next((x.split("=", 1)[1] for x in lines if x.startswith("quarantine=")), None)
+    return ", ".join(x for x in lines if not x.startswith("quarantine=")), kept
 
 
 def find_quarantine(conn: Connector, master: Master, recovery_id: str) -> str | None:

@@ -14,6 +14,7 @@ import random
 import shutil
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 from contextlib import contextmanager
@@ -47,22 +48,28 @@ class Connector(Protocol):
     def stream(self, argv: Sequence[str], sink, *, timeout: float = 3600) -> Result:
         """Run a command whose stdout goes to `sink` as it arrives (not kept in memory)."""
 
-    def put_file(self, local: str | Path, remote: str, mode: int | None = None) -> None:
-        """Copy to `remote` through `remote`.part, renamed only once complete."""
+    def put_file(self, local: str | Path, remote: str, mode: int | None = None, unpack: str | None = None,
+                 size: int | None = None) -> None:
+        """Copy to `remote` through `remote`.part, renamed only once complete and `size` bytes
+        long (default: the local file's). With `unpack`, `local` is a tar(.gz) and what lands
+        in `remote` is that member of it, unpacked on the far side: the compressed bytes
+        cross the network."""
 
     def get_file(self, remote: str, local: str | Path) -> None: ...
 
     def close(self) -> None: ...
 
 
-_recorders: list[list[tuple[float, float]]] = []
+_recorders: list[list[tuple[float, float, str]]] = []
 
 
 @contextmanager
 def record_commands():
-    """While open, every SSH command's (start, end) in time.monotonic() lands in the list it
-    yields: the benchmarks' measure of orchestration overhead (wall time with no command running)."""
-    log_: list[tuple[float, float]] = []
+    """While open, every SSH command lands in the list it yields as (start, end, step): its
+    times in time.monotonic() and the Prefect task run it ran in ("" outside one). The
+    benchmarks' measure of orchestration overhead (wall time with no command running) and of
+    round trips per step."""
+    log_: list[tuple[float, float, str]] = []
     _recorders.append(log_)
     try:
         yield log_
@@ -70,14 +77,24 @@ def record_commands():
         _recorders.remove(log_)
 
 
+def _task_name() -> str:
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return ctx.task_run.name if ctx else ""
+
+
 @contextmanager
 def _recorded():
-    t0 = time.monotonic()
+    if not _recorders:
+        yield
+        return
+    t0, step = time.monotonic(), _task_name()
     try:
         yield
     finally:
         for r in list(_recorders):
-            r.append((t0, time.monotonic()))
+            r.append((t0, time.monotonic(), step))
 
 
 def _check(name: str, argv: Sequence[str], res: Result, check: bool) -> Result:
@@ -108,9 +125,16 @@ class LocalConnector:
             t.join()
         return _check(self.name, argv, Result(code, "", err.decode(errors="replace")), True)
 
-    def put_file(self, local, remote, mode=None) -> None:
+    def put_file(self, local, remote, mode=None, unpack=None, size=None) -> None:
         part = Path(f"{remote}.part")
-        shutil.copyfile(local, part)
+        if unpack:
+            with tarfile.open(local, "r:*") as tar, tar.extractfile(unpack) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        else:
+            shutil.copyfile(local, part)
+        if size is not None and part.stat().st_size != size:
+            part.unlink()
+            raise CommandError(self.name, ["put", str(local), remote], 1, "", f"{remote}: not {size} bytes")
         if mode is not None:
             part.chmod(mode)
         part.replace(remote)
@@ -394,12 +418,13 @@ class SSHConnector:
             raise ConnectionLost(f"{self.name}: connection lost while running `{argv[0]}`: {e!r}") from None
         return Result(code, "", err.decode(errors="replace"))
 
-    def put_file(self, local, remote, mode=None) -> None:
+    def put_file(self, local, remote, mode=None, unpack=None, size=None) -> None:
         # A plain `cat` on an exec channel, not SFTP: measured 1.8x faster with paramiko (SFTP
         # pays a request and an ack per 32 KiB).
         with open(local, "rb") as f, _recorded():  # a missing local file is the caller's error, not the network's
+            gz = "z" if unpack and str(local).endswith(("gz", ".tgz")) else ""
             argv = ["sh", "-c", _PUT_SCRIPT, "put", remote, f"{mode:o}" if mode is not None else "",
-                    str(os.fstat(f.fileno()).st_size)]
+                    str(size if size is not None else os.fstat(f.fileno()).st_size), unpack or "", gz]
             chan = self._open_channel()
             try:
                 chan.settimeout(self._ssh.connect_timeout + 60)
@@ -533,9 +558,12 @@ def _exit_code(chan: paramiko.Channel) -> int:
 # earns the final name (a cut snapshot copy was once renamed into place). The part file is
 # this copy's own ($$): an orphan of a killed run, still waiting on a partitioned link, must
 # not truncate or remove the part a re-run is writing.
-_PUT_SCRIPT = """umask 077 && p="$1.part.$$" && cat > "$p" || { rm -f "$p"; exit 1; }
+# $4: a tar member to unpack from what arrives (GNU tar reads its input to the end, so the
+# sender is never cut off), $5: "z" when that tar is gzipped (tar cannot guess it on a pipe).
+_PUT_SCRIPT = """umask 077 && p="$1.part.$$" || exit 1
+if [ -n "$4" ]; then tar -x"$5"O -f - -- "$4" > "$p"; else cat > "$p"; fi || { rm -f "$p"; exit 1; }
 got=$(stat -c %s "$p") || exit 1
-[ "$got" = "$3" ] || { rm -f "$p"; echo "only $got of $3 bytes arrived for $1" >&2; exit 1; }
+[ "$got" = "$3" ] || { rm -f "$p"; echo "$1: $got bytes arrived${4:+ unpacked}, not $3" >&2; exit 1; }
 [ -z "$2" ] || chmod "$2" "$p" || exit 1
 mv -f "$p" "$1"
 """
