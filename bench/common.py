@@ -125,8 +125,13 @@ _pools_keep_context()
 
 
 def step_kind(name: str) -> str:
-    """A step's kind, without its master ("copy-snapshot@etcd2" -> "copy-snapshot")."""
-    return name.split("@", 1)[0] or "(flow: lock, outside steps)"
+    """A step's kind, without its master ("copy-snapshot@etcd2" -> "copy-snapshot") or the
+    suffix Prefect gives a task run of a plain task ("preflight-3f2" -> "preflight")."""
+    import re
+
+    if not name:
+        return "(flow: lock, outside steps)"
+    return name.split("@", 1)[0] if "@" in name else re.sub(r"-[0-9a-f]{3}$", "", name)
 
 
 class FlowTimes:

@@ -108,18 +108,20 @@ def main() -> None:
                 for profile in a.links.split(","):
                     with Link(lab, profile) as link:
                         floors = {"OpenSSH floor (bash, scp)": Timed(link), "own-connector floor": Timed(link)}
-                        flows = FlowTimes(link)
-                        with PeakRSS() as mem:
-                            for _ in range(a.runs):
-                                floors["OpenSSH floor (bash, scp)"].run(link.floor, "restore.sh", str(db),
-                                                                        lab.cluster().etcd_token)
-                                floors["own-connector floor"].run(own_floor, lab, link.inventory, db)
+                        flows, growth = FlowTimes(link), []
+                        for _ in range(a.runs):
+                            floors["OpenSSH floor (bash, scp)"].run(link.floor, "restore.sh", str(db),
+                                                                    lab.cluster().etcd_token)
+                            floors["own-connector floor"].run(own_floor, lab, link.inventory, db)
+                            with PeakRSS() as mem:
                                 flows.run(flow_run, link.inventory, archive)
+                            growth.append(mem.growth)
                         results[n, mb, profile] = report(
                             f"full restore, {n} masters, {profile}, snapshot {db.stat().st_size / 1e6:.0f} MB "
                             f"(archive {archive.stat().st_size / 1e6:.0f} MB)", floors, "restore-etcd-cluster", flows,
                             "at most 1.0x the OpenSSH floor; dr-site: at most 0.6x")
-                        print(f"{'peak RSS growth':34} {mem.growth / 2**20:7.1f} MiB (goal: flat in the snapshot size)")
+                        print(f"{'peak RSS growth per flow run':34} " + ", ".join(f"{g / 2**20:.1f}" for g in growth)
+                              + " MiB (the process's first run also imports; goal: flat, at most 64 MiB)")
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir()
     counts = sorted({n for n, _, _ in results})

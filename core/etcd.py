@@ -290,6 +290,13 @@ def work_timeout(size_bytes: int, floor: float = 120.0, slowest_bytes_per_s: flo
     return floor + max(0, size_bytes) / slowest_bytes_per_s
 
 
+def start_timeout(size_bytes: int, floor: float = 120.0) -> float:
+    """How long members restored from a `size_bytes` snapshot may take to answer healthy: etcd
+    reads its whole keyspace into its index at start. Not work_timeout's 2 MB/s worst case: a
+    member that never starts would hold the restore for an hour at 8 GB."""
+    return floor + max(0, size_bytes) / 50e6
+
+
 def show(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 

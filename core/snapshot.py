@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tarfile
+from contextlib import contextmanager
+from typing import Iterator
 from zlib import error as zlib_error
 
 from isal import igzip
@@ -96,6 +98,18 @@ class _Bound:
                                 "(no backup of a master has that many)")
 
 
+@contextmanager
+def _open_tar(path: str | Path) -> Iterator[tarfile.TarFile]:
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    if not gz:
+        with tarfile.open(path, "r:*") as tar:
+            yield tar
+        return
+    with igzip.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        yield tar
+
+
 def safe_extract(archive: str | Path, dest: str | Path, max_bytes: int = MAX_UNPACKED_BYTES,
                  max_members: int = MAX_MEMBERS) -> list[Path]:
     """Extract a tar(.gz), refusing absolute paths, `..`, links that point out, devices, and
@@ -113,7 +127,9 @@ def extract_files(archive: str | Path, dest: str | Path, max_bytes: int = MAX_UN
     out = []
     bound = _Bound(Path(archive).name, max_bytes, max_members)
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        # isal's gzip: the two passes below (headers, then files) decompress at ~700 MB/s, not
+        # zlib's ~250 (a 1 GB snapshot's archive was seconds of the restore's preparation).
+        with _open_tar(archive) as tar:
             members = []
             for m in tar:  # not getmembers(): a million members must not all be read first
                 bound.add(m.size if m.isfile() else 0, 1)
@@ -131,6 +147,23 @@ def extract_files(archive: str | Path, dest: str | Path, max_bytes: int = MAX_UN
     except READ_ERRORS as err:
         raise SnapshotError(f"{archive}: not a readable tar archive ({err}); fetch it again") from None
     return out
+
+
+def unpacked_size(source: str | Path) -> int:
+    """The bytes unpacking `source` writes: its first member's size, from the first header
+    alone (a nova-dr archive holds the .db only); 0 for a plain .db, which is not unpacked."""
+    src = Path(source)
+    if not src.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return 0
+    try:
+        with open(src, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+        opener = igzip.open if gz else open
+        with opener(src, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            first = tar.next()  # pax and GNU long-name headers are read through, the data is not
+            return first.size if first is not None else 0
+    except (*READ_ERRORS, ValueError):
+        return 0  # unreadable: prepare_snapshot says so, in its own words
 
 
 @dataclass

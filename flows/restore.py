@@ -7,6 +7,8 @@ an approval gate, then a DAG of idempotent steps with checkpoints keyed on the r
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from concurrent.futures import Future
@@ -22,9 +24,10 @@ from core.errors import CommandError, NovaDRError, PreflightError, SnapshotError
 from core.facts import ClusterFacts
 from core.plan import Plan, Step
 from core.restore_plan import FOLLOW_UPS, build_restore_plan
-from core.snapshot import SnapshotCheck, prepare_snapshot
+from core.snapshot import SnapshotCheck, prepare_snapshot, unpacked_size
 from flows import machinery as mc
-from core.etcd import restore_argv, revision_after_restore, summarize_log, supports_bump_revision, work_timeout
+from core.etcd import (restore_argv, revision_after_restore, start_timeout, summarize_log, supports_bump_revision,
+                       work_timeout)
 from flows.actions import not_converged, on, quarantine_name, read_status_rows, stop_etcd
 from flows.machinery import Run
 from flows.lock import cluster_lock
@@ -198,17 +201,23 @@ def refuse_unsafe(facts: ClusterFacts, snapshot: SnapshotCheck) -> None:
                              f"(need about {2 * snapshot.size + (64 << 20)} bytes); nothing was changed")
 
 
-def contents_of(run: Run):
-    """What the snapshot holds, once read (prepare() started reading it beside the preflight)."""
+def contents_of(run: Run, wait: bool = True):
+    """What the snapshot holds, once read (prepare() started reading it beside the preflight);
+    with wait=False, None while it is still being read."""
     c = run.data.get("contents")
     if isinstance(c, Future):
+        if not wait and not c.done():
+            return None
         c = run.data["contents"] = c.result()
     return c
 
 
 def make_plan(run: Run, facts: ClusterFacts) -> Plan:
     snap: SnapshotCheck = run.data["snapshot"]
-    contents = contents_of(run)  # first: a failed read adds its warning
+    # The plan waits for it when a person reads the plan before approving. Without the gate
+    # nothing is decided from it, so the restore does not wait (seconds at 200 MB: a restore
+    # into a scratch etcd); the report shows it.
+    contents = contents_of(run, wait=not run.data.get("auto_approve"))  # first: a failed read adds its warning
     warnings = list(snap.warnings)
     if facts.has_quorum:
         warnings.append(f"the cluster still has quorum ({len(facts.healthy)} of {facts.voting_members} healthy): "
@@ -218,7 +227,9 @@ def make_plan(run: Run, facts: ClusterFacts) -> Plan:
                               snapshot_sha256=snap.sha256, bump_revision=run.data["bump_revision"],
                               archive_member=snap.archive_member,
                               delete_old_data=run.data["delete_old_data"], warnings=warnings,
-                              contents=contents.line(datetime.now(timezone.utc)) if contents else None)
+                              contents=contents.line(datetime.now(timezone.utc)) if contents
+                              else "still being read (auto_approve: the report shows it)"
+                              if isinstance(run.data.get("contents"), Future) else None)
 
 
 def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block: str | None,
@@ -264,6 +275,7 @@ def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow
     if not snapshot:
         raise NovaDRError("no snapshot given; pass --param snapshot=PATH (an etcd_snapshot_*.db.tar.gz or .db), "
                           "or store=URL with backup=latest|TIMESTAMP")
+    refuse_no_room(workdir, snapshot)
     snap = prepare_snapshot(snapshot, workdir, cluster.nova_version, allow_version_mismatch)
     if origin:
         print(f"warning: {origin}")  # the flow logs it (log_prints); `nova-dr plan` shows it
@@ -291,9 +303,29 @@ def in_background(fn, *args) -> Future:
     return f
 
 
+# What this machine keeps beside the bytes it writes: logs, Prefect's own files.
+SLACK = 64 << 20
+
+
+def refuse_no_room(workdir: str, snapshot: str) -> None:
+    """The archive is unpacked on this machine before anything: with room for it, or not at all."""
+    need = unpacked_size(snapshot) + SLACK
+    free = shutil.disk_usage(workdir).free
+    if need > SLACK and free < need:
+        raise PreflightError(f"{workdir}: {free >> 20} MiB free on this machine; unpacking {Path(snapshot).name} needs "
+                             f"about {need >> 20} MiB. Free space there, or set NOVA_DR_HOME to a larger disk. "
+                             "Nothing was changed")
+
+
 def read_contents(snap: SnapshotCheck):
     """The snapshot's revision, key count and newest change, read in a scratch etcd on this
     machine, for the plan; a warning (never a refusal) when it cannot be read here."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < snap.size + SLACK:  # the scratch etcd restores a copy of the whole snapshot there
+        snap.warnings.append(f"the snapshot's content (revision, keys, newest change) was not read: "
+                             f"{tempfile.gettempdir()} has {free >> 20} MiB free, a scratch etcd of it needs about "
+                             f"{(snap.size + SLACK) >> 20} MiB")
+        return None
     try:
         with scratch_etcd(snap.db_path, find_etcd_bins()) as drill:
             return snapshot_contents(drill)
@@ -335,7 +367,7 @@ def restore_etcd_cluster(
         bump_revision: revisions to add with --mark-compacted, where the etcd binary supports it (0 never bumps)
         approval_timeout_minutes: how long the gate waits before the run ends with nothing changed
         wait_for_cluster_seconds: how long to wait while another recovery holds this cluster
-        healthy_timeout_seconds: how long the members may take to answer healthy after the start
+        healthy_timeout_seconds: how long the members may take to answer healthy after the start, plus 1 s per 50 MB of snapshot
         store: take the snapshot from a backup store instead: a directory (NFS mount) or s3://bucket/prefix
         backup: with store: latest (the newest complete set) or a set's timestamp YYYY-MM-DD_HHMMSS
         s3_block: a Nova Backup S3 Credentials block for an s3:// store (default: the environment)
@@ -349,7 +381,9 @@ def restore_etcd_cluster(
     with scratch_dir("nova-dr-snap-", mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp,
                       store, backup, s3_block, identity_block, allow_unsigned)
-        run.data["healthy_timeout"] = healthy_timeout_seconds
+        # Longer for a large snapshot: etcd indexes all of it at start.
+        run.data["healthy_timeout"] = start_timeout(run.data["snapshot"].size, healthy_timeout_seconds)
+        run.data["auto_approve"] = auto_approve
         run.data["approvals"] = approvals_required
         print(f"recovery id: {run.recovery_id}")
         try:
@@ -357,6 +391,7 @@ def restore_etcd_cluster(
                 return _restore(run, auto_approve, approval_timeout_minutes, log)
         finally:
             run.close()
+            contents_of(run)  # its scratch etcd is gone before the snapshot's folder is
 
 
 def _restore(run: Run, auto_approve: bool, approval_timeout_minutes: float, log) -> dict:

@@ -86,9 +86,9 @@ class _Gzip:
         return self.size >= 1024 and self.size % 512 == 0 and self.tail == bytes(1024)
 
 
-def stream_tar_gz(conn: Connector, argv: list[str], out) -> None:
+def stream_tar_gz(conn: Connector, argv: list[str], out, timeout: float = 3600) -> None:
     gz = _Gzip(out)
-    conn.stream(argv, gz)
+    conn.stream(argv, gz, timeout=timeout)
     gz.close()
     if not gz.whole_tar():  # never store a cut archive as if it were whole
         raise NovaDRError(f"{conn.name}: the tar stream of `{' '.join(argv[:3])}` ended early ({gz.size} bytes, "
@@ -106,7 +106,13 @@ def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str, db_s
     """`etcdctl snapshot save` against this member alone, then `snapshot status` of the file.
     Both etcdctl's own deadline and ours are sized from the member's db size (endpoint status)."""
     env = read_etcd_env(conn, master)
-    conn.run(["mkdir", "-p", tmp_path.rsplit("/", 1)[0]])
+    folder = tmp_path.rsplit("/", 1)[0]
+    free = conn.run(["sh", "-c", 'mkdir -p "$1" && df -P -B1 "$1" | awk \'NR == 2 {print $4}\'', "df", folder]).stdout.strip()
+    need = db_size + (64 << 20)  # the saved file, plus room for what else writes there meanwhile
+    if free.isdigit() and int(free) < need:
+        raise NovaDRError(f"{master.etcd_member}: {folder} has {int(free) >> 20} MiB free, the snapshot needs about "
+                          f"{need >> 20} MiB there (the database is {db_size >> 20} MiB); free some space or set "
+                          "paths.backup_dir to a larger disk. Nothing was written")
     bound = int(work_timeout(db_size))
     etcdctl(conn, master, env, "snapshot", "save", tmp_path, f"--command-timeout={bound}s", own=True,
             timeout=bound + 60)
@@ -116,13 +122,14 @@ def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str, db_s
 
 
 def store_snapshot_archive(conn: Connector, tmp_path: str, member_name: str, store: BackupStore,
-                           name: str, mode: int = 0o600) -> tuple[int, str]:
+                           name: str, mode: int = 0o600, db_size: int = 0) -> tuple[int, str]:
     """The saved db as a gzip tar whose one member is `opt/backup/<name>.db`, so the seed's
     restore commands (untar in /tmp, restore /tmp/opt/backup/<name>.db) work unchanged."""
     folder, base = tmp_path.rsplit("/", 1)
     pattern = base.replace(".", "\\.")
     argv = ["tar", "-cf", "-", "-C", folder, f"--transform=s|^{pattern}$|opt/backup/{member_name}|", "--", base]
-    return store.put(name, lambda out: stream_tar_gz(conn, argv, out), mode=mode)
+    # Bounded by the bytes, not a fixed hour: an 8 GiB database on a slow disk takes longer.
+    return store.put(name, lambda out: stream_tar_gz(conn, argv, out, max(3600.0, work_timeout(db_size))), mode=mode)
 
 
 def remove_temp_snapshot(conn: Connector, tmp_path: str) -> None:

@@ -304,3 +304,28 @@ def test_a_backup_killed_half_way_is_never_read_as_a_complete_set(lab3, starvaul
     assert restoring.ts in killed and restoring.manifest is None
     verified = verify_backups(inventory=inv, store=str(store))
     assert verified["set"] == first, verified["summary"]
+
+
+def test_a_backup_dir_without_room_for_the_snapshot_is_named_before_the_save(lab3, tmp_path):
+    """etcd's snapshot is saved in paths.backup_dir on a master first: a disk without room for
+    it is refused in one line that says how much is needed, and nothing is stored."""
+    put_keys(lab3, "/registry/pods/p", 200)
+    inv = str(lab3.dir / "inventory.yaml")
+    store = tmp_path / "nfs"
+    store.mkdir()
+    mounted = []
+    try:
+        for m in lab3.masters():  # whichever member the backup picks
+            ns = lab3.enter(m.member)
+            subprocess.run(ns + ["sh", "-c", 'mkdir -p /opt/backup && mount -t tmpfs -o size=1m tmpfs /opt/backup'],
+                           check=True)
+            mounted.append(ns)
+        state = backup_master_nodes(inventory=inv, store=str(store), INCLUDE_STARVAULT_DB_BACKUP=False,
+                                    return_state=True)
+        msg = error_of(state)
+        assert not state.is_completed() and "/opt/backup has 1 MiB free, the snapshot needs about" in msg, msg
+        assert "Traceback" not in msg and not list(store.glob("nova-dr-manifest_*"))
+        assert not list(store.glob("etcd_snapshot_*"))
+    finally:
+        for ns in mounted:
+            subprocess.run(ns + ["umount", "/opt/backup"], check=True)

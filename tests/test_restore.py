@@ -655,3 +655,30 @@ def test_a_restore_from_an_archive_sends_the_compressed_bytes_and_unpacks_them_o
     assert crossed < 1.5 * size, f"{crossed} bytes crossed the link for a {size}-byte snapshot sent to 3 masters"
     steps = state.result()
     assert steps["verify"]["rows"] and len({r["hashkv"] for r in steps["verify"]["rows"]}) == 1
+
+
+def test_an_archive_this_machine_has_no_room_to_unpack_is_refused_before_anything(tmp_path):
+    """The .db is unpacked on the flow's machine first: its size comes from the archive's first
+    header, and a disk without room for it is named in one line (checked on a 1 MiB tmpfs,
+    mounted in a mount namespace of the test's own)."""
+    import tarfile
+
+    from core.snapshot import unpacked_size
+
+    db = tmp_path / "etcd_snapshot_x.db"
+    db.write_bytes(os.urandom(3 << 20))
+    archive = tmp_path / "etcd_snapshot_x.db.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(db, arcname="./opt/backup/etcd_snapshot_x.db")
+    assert unpacked_size(archive) == 3 << 20 and unpacked_size(db) == 0
+    small = tmp_path / "small"
+    small.mkdir()
+    code = ("import sys; from flows.restore import refuse_no_room; from core.errors import NovaDRError\n"
+            "try: refuse_no_room(sys.argv[1], sys.argv[2])\n"
+            "except NovaDRError as e: print(e); sys.exit(3)\n")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$1" && shift && exec "$@"',
+                        "sh", str(small), sys.executable, "-c", code, str(small), str(archive)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "MiB free on this machine; unpacking etcd_snapshot_x.db.tar.gz needs about 67 MiB" in p.stdout, p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
