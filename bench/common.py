@@ -134,6 +134,32 @@ def step_kind(name: str) -> str:
     return name.split("@", 1)[0] if "@" in name else re.sub(r"-[0-9a-f]{3}$", "", name)
 
 
+def cpu_seconds(net: int) -> dict[str, float]:
+    """CPU seconds used so far: this process (the flow, its SSH and hashing), its children by
+    kind (Prefect's server, the delaying forwarders) and every lab master (its cgroup: etcd,
+    sshd, the commands run there)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    out = {"flow process": t.user + t.system, "Prefect server": 0.0, "forwarders": 0.0, "masters": 0.0}
+    me = str(os.getpid())
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if stat[1] != me:
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        kind = "forwarders" if "lab.links" in cmd else "Prefect server" if "prefect" in cmd or "uvicorn" in cmd else None
+        if kind:
+            out[kind] += (int(stat[11]) + int(stat[12])) / tick
+    for g in Path("/sys/fs/cgroup/cpuacct").glob(f"lab-n{net}-*"):
+        out["masters"] += int((g / "cpuacct.usage").read_text()) / 1e9
+    return out
+
+
 class FlowTimes:
     """Wall time of each flow run, its orchestration overhead (the wall time during which no
     SSH command was running anywhere: Prefect, planning, Python, local hashing), the bytes
@@ -146,13 +172,18 @@ class FlowTimes:
         self.overheads: list[float] = []
         self.bytes: list[int] = []
         self.commands: dict[str, int] = {}
+        self.cpu: list[dict[str, float]] = []
 
     def run(self, fn, *args, **kw) -> float:
         from tasks.remote import record_commands
 
         b0 = self.link.bytes() if self.link else 0
+        c0 = cpu_seconds(self.link.lab.state()["net"]) if self.link else {}
         with record_commands() as log:
             wall = timed(fn, *args, **kw)
+        if self.link:
+            c1 = cpu_seconds(self.link.lab.state()["net"])
+            self.cpu.append({k: c1[k] - c0[k] for k in c1})
         self.walls.append(wall)
         self.overheads.append(wall - busy(log))
         self.bytes.append(self.link.bytes() - b0 if self.link else 0)
@@ -255,13 +286,16 @@ def report(title: str, floors: dict[str, "Timed"], flow_name: str, flows: FlowTi
     o = statistics.median(flows.overheads)
     print(f"{'orchestration overhead':34} {o:7.2f} s  (no SSH command running: {100 * o / g:.0f}% of the flow)")
     print(f"{'SSH commands per kind of step':34} " + ", ".join(f"{k} {v}" for k, v in sorted(flows.commands.items())))
+    if flows.cpu:
+        print(f"{'CPU seconds of a flow run':34} " + ", ".join(
+            f"{k} {statistics.median(c[k] for c in flows.cpu):.1f}" for k in flows.cpu[0]))
     return med
 
 
 def report_prefect_costs() -> None:
     base, per_task = prefect_costs()
-    print(f"{'Prefect: an empty flow run':32} {base:7.2f} s")
-    print(f"{'Prefect: each task in a chain':32} {per_task:7.3f} s")
+    print(f"{'Prefect: an empty flow run':34} {base:7.2f} s")
+    print(f"{'Prefect: each task in a chain':34} {per_task * 1000:7.1f} ms")
 
 
 # -- links like real ones, and the OpenSSH floors -----------------------------------------
