@@ -464,3 +464,4 @@ def plan_restore(inventory: str, snapshot: str | None = None, recovery_id: str |
             return plan.model_copy(update={"summary": plan.summary + "\n\nPreflight:\n" + mc.facts_table(facts, False)})
         finally:
             run.close()
+            contents_of(run)

@@ -111,3 +111,55 @@ def test_root_cannot_log_in_and_nova_gets_root_only_through_sudo(lab3):
         assert "PRIVATE KEY" in sudo.run(["cat", "/etc/kubernetes/pki/ca.key"]).stdout
     finally:
         sudo.close()
+
+
+def test_link_profiles_limit_the_flow_machines_link_and_add_a_round_trip(lab3, tmp_path):
+    """What the benchmarks' link profiles do (lab/links.py): tc on the bridge limits what this
+    machine sends the masters (and, through an ifb, what it receives), counted by the bridge;
+    the delaying forwarder adds its round trip to an SSH connection."""
+    import os
+    import socket
+    import time
+
+    from lab.links import DelayForwarder, link_bytes, shape, unshape
+
+    net = lab3.state()["net"]
+    cluster = lab3.cluster()
+    conn = connect(cluster, cluster.masters[0])
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(4 << 20))
+    try:
+        before = link_bytes(net)
+        t0 = time.monotonic()
+        conn.put_file(blob, "/tmp/blob")
+        free = time.monotonic() - t0
+        assert link_bytes(net) - before >= 4 << 20  # counted where it crossed
+        shape(net, 16)  # 2 MB/s: 4 MiB takes 2 s or more
+        t0 = time.monotonic()
+        conn.put_file(blob, "/tmp/blob")
+        shaped = time.monotonic() - t0
+        t0 = time.monotonic()
+        conn.get_file("/tmp/blob", tmp_path / "back")  # the other way, through the ifb
+        back = time.monotonic() - t0
+    finally:
+        unshape(net)
+        conn.close()
+    assert shaped > 1.8 and back > 1.8 and free < shaped / 2, (free, shaped, back)
+    assert (tmp_path / "back").read_bytes() == blob.read_bytes()
+
+    def banner(port: int) -> float:
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert s.recv(64).startswith(b"SSH-2.0")
+        return time.monotonic() - t0
+
+    with DelayForwarder(_free_port(), cluster.masters[0].address, 22, 50) as fwd:
+        assert banner(fwd.listen_port) >= 0.05  # the server's banner came back 50 ms late
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

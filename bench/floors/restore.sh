@@ -9,7 +9,7 @@ IC=$(initial_cluster)
 first=$(members | head -1)
 leader_url=$(on "$first" "$CTL endpoint status --cluster -w simple" | awk -F', ' '$5 == "true" {print $1}')
 leader=$(awk -v u="$leader_url" '$5 == u {print $1}' <<<"$FLOOR_MASTERS")
-followers=$(members | grep -vx "$leader")
+followers=$(members | grep -vx "$leader" || true)  # none with one master
 
 copy() { put "$1" "$SNAP" floor.db; }
 stop() { on "$1" "systemctl stop etcd"; }
