@@ -201,23 +201,17 @@ def refuse_unsafe(facts: ClusterFacts, snapshot: SnapshotCheck) -> None:
                              f"(need about {2 * snapshot.size + (64 << 20)} bytes); nothing was changed")
 
 
-def contents_of(run: Run, wait: bool = True):
-    """What the snapshot holds, once read (prepare() started reading it beside the preflight);
-    with wait=False, None while it is still being read."""
+def contents_of(run: Run):
+    """What the snapshot holds, once read (prepare() started reading it beside the preflight)."""
     c = run.data.get("contents")
     if isinstance(c, Future):
-        if not wait and not c.done():
-            return None
         c = run.data["contents"] = c.result()
     return c
 
 
 def make_plan(run: Run, facts: ClusterFacts) -> Plan:
     snap: SnapshotCheck = run.data["snapshot"]
-    # The plan waits for it when a person reads the plan before approving. Without the gate
-    # nothing is decided from it, so the restore does not wait (seconds at 200 MB: a restore
-    # into a scratch etcd); the report shows it.
-    contents = contents_of(run, wait=not run.data.get("auto_approve"))  # first: a failed read adds its warning
+    contents = contents_of(run)  # first: a failed read adds its warning
     warnings = list(snap.warnings)
     if facts.has_quorum:
         warnings.append(f"the cluster still has quorum ({len(facts.healthy)} of {facts.voting_members} healthy): "
@@ -227,9 +221,7 @@ def make_plan(run: Run, facts: ClusterFacts) -> Plan:
                               snapshot_sha256=snap.sha256, bump_revision=run.data["bump_revision"],
                               archive_member=snap.archive_member,
                               delete_old_data=run.data["delete_old_data"], warnings=warnings,
-                              contents=contents.line(datetime.now(timezone.utc)) if contents
-                              else "still being read (auto_approve: the report shows it)"
-                              if isinstance(run.data.get("contents"), Future) else None)
+                              contents=contents.line(datetime.now(timezone.utc)) if contents else None)
 
 
 def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block: str | None,
@@ -256,8 +248,9 @@ def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block
 def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow_version_mismatch: bool,
             bump_revision: int, delete_old_data: bool, workdir: str, store: str | None = None,
             backup: str | None = None, s3_block: str | None = None, identity_block: str | None = None,
-            allow_unsigned: bool = False) -> Run:
-    """Everything before the cluster is touched: inventory, snapshot checks, recovery id."""
+            allow_unsigned: bool = False, for_a_person: bool = True) -> Run:
+    """Everything before the cluster is touched: inventory, snapshot checks, recovery id.
+    `for_a_person`: someone reads the plan, so it shows what the snapshot holds."""
     cluster = resolve_inventory(inventory)
     if snapshot and store:
         raise NovaDRError("give either snapshot or store (+ backup), not both")
@@ -284,10 +277,13 @@ def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow
         raise NovaDRError(f"bump_revision={bump_revision}: give 0 (no bump) or a positive number")
     rid = mc.derive_recovery_id(FLOW_NAME, cluster.name, snap.sha256, recovery_id)
     # Read in a scratch etcd on this machine while the lock is taken and the preflight reads
-    # the masters (seconds at 200 MB): the plan is the first to need it.
+    # the masters (seconds at 200 MB): the plan is the first to need it. Without the gate no
+    # one reads the plan and nothing is decided from it, so it is not read at all: at 8 GB it
+    # is a second full restore, on this machine's disk and cores, beside the real one.
     return Run(FLOW_NAME, cluster, rid, data={"snapshot": snap, "bump_revision": bump_revision,
                                                "delete_old_data": delete_old_data,
-                                               "contents": in_background(read_contents, snap)})
+                                               "contents": in_background(read_contents, snap) if for_a_person
+                                               else None})
 
 
 def in_background(fn, *args) -> Future:
@@ -380,7 +376,7 @@ def restore_etcd_cluster(
     log = get_run_logger()
     with scratch_dir("nova-dr-snap-", mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp,
-                      store, backup, s3_block, identity_block, allow_unsigned)
+                      store, backup, s3_block, identity_block, allow_unsigned, for_a_person=not auto_approve)
         # Longer for a large snapshot: etcd indexes all of it at start.
         run.data["healthy_timeout"] = start_timeout(run.data["snapshot"].size, healthy_timeout_seconds)
         run.data["auto_approve"] = auto_approve
@@ -438,7 +434,9 @@ def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, app
         f"{approval.get('via', '?')}",
         f"- expected revision {v['expected_revision']}; {bumped}",
         f"- what the snapshot held: {contents_of(run).line(datetime.now(timezone.utc))}"
-        if contents_of(run) else "- what the snapshot held: not read on this machine", "",
+        if contents_of(run) else "- what the snapshot held: not read (auto_approve: no one read the plan; "
+        "`nova-dr plan` shows it)" if run.data.get("auto_approve") else "- what the snapshot held: not read on this "
+        "machine", "",
         "## Before", mc.facts_table(before), "", "## After", after, "",
         "## Steps", mc.step_table(results, flow_run_id), "",
         "## Old data (quarantine)", *(quarantine or ["- none"]), "",
