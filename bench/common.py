@@ -15,7 +15,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("NOVA_DR_HOME", tempfile.mkdtemp(prefix="nova-dr-bench-"))
 
-from lab.lab import Lab, etcd_bin_dir  # noqa: E402
+from lab.lab import Lab, etcd_bin_dir, free_port  # noqa: E402
 
 
 def value(seed: int) -> bytes:
@@ -172,6 +172,7 @@ class FlowTimes:
         self.overheads: list[float] = []
         self.bytes: list[int] = []
         self.commands: dict[str, int] = {}
+        self.step_seconds: dict[str, float] = {}
         self.cpu: list[dict[str, float]] = []
 
     def run(self, fn, *args, **kw) -> float:
@@ -187,9 +188,12 @@ class FlowTimes:
         self.walls.append(wall)
         self.overheads.append(wall - busy(log))
         self.bytes.append(self.link.bytes() - b0 if self.link else 0)
-        self.commands = {}
-        for *_, step in log:
+        self.commands, by_kind = {}, {}
+        for *span, step in log:
             self.commands[step_kind(step)] = self.commands.get(step_kind(step), 0) + 1
+            by_kind.setdefault(step_kind(step), []).append((*span, step))
+        # The wall time during which some command of each kind ran (overlapping ones once).
+        self.step_seconds = {k: busy(v) for k, v in by_kind.items()}
         return wall
 
 
@@ -286,6 +290,8 @@ def report(title: str, floors: dict[str, "Timed"], flow_name: str, flows: FlowTi
     o = statistics.median(flows.overheads)
     print(f"{'orchestration overhead':34} {o:7.2f} s  (no SSH command running: {100 * o / g:.0f}% of the flow)")
     print(f"{'SSH commands per kind of step':34} " + ", ".join(f"{k} {v}" for k, v in sorted(flows.commands.items())))
+    print(f"{'seconds in commands, by step':34} " + ", ".join(
+        f"{k} {v:.2f}" for k, v in sorted(flows.step_seconds.items(), key=lambda kv: -kv[1])))
     if flows.cpu:
         print(f"{'CPU seconds of a flow run':34} " + ", ".join(
             f"{k} {statistics.median(c[k] for c in flows.cpu):.1f}" for k in flows.cpu[0]))
@@ -327,7 +333,7 @@ class Link:
         for m in inv["masters"]:
             self.ssh[m["etcd_member"]] = (m["address"], 22)
             if rtt:
-                fwd = DelayForwarder(_free_port(), m["address"], 22, rtt / 2).__enter__()
+                fwd = DelayForwarder(free_port(), m["address"], 22, rtt / 2).__enter__()
                 self.forwarders.append(fwd)
                 key = next(line.split(" ", 1)[1] for line in known if line.split()[0] == m["address"])
                 known.append(f"[127.0.0.1]:{fwd.listen_port} {key}")
@@ -366,11 +372,3 @@ class Link:
                            timeout=3600)
         if p.returncode:
             raise RuntimeError(f"{script} failed ({p.returncode}): {p.stderr.strip()[-800:]}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

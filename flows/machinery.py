@@ -157,18 +157,20 @@ def read_master_facts(run: Run, member: str) -> MasterFacts:
         # Independent reads, each on its own channel of the one connection: every SSH command
         # costs a round trip, and a dead member's etcdctl waits out its dial timeout.
         ex = ThreadPoolExecutor(5)
-        health = ex.submit(etcd.check_endpoint_health, conn, m, env)
-        stat = ex.submit(etcd.read_endpoint_status, conn, m, env)
-        mlist = ex.submit(etcd.list_etcd_members, conn, m, env)
-        probed = ex.submit(datadir.probe_data_dir, conn, m)
-        svc = ex.submit(service.read_service_state, conn, m)
-        probe = probed.result()
-        # A unit the service manager says is stopped or failed serves nothing: its etcdctl
-        # reads are not waited for (2 s of dial timeout, the most of a replacement's
-        # preflight). A unit that is active or still starting is asked, and etcd's own client
-        # decides.
-        down = svc.result() in ("inactive", "failed")
-        ex.shutdown(wait=False)
+        try:
+            health = ex.submit(etcd.check_endpoint_health, conn, m, env)
+            stat = ex.submit(etcd.read_endpoint_status, conn, m, env)
+            mlist = ex.submit(etcd.list_etcd_members, conn, m, env)
+            probed = ex.submit(datadir.probe_data_dir, conn, m)
+            svc = ex.submit(service.read_service_state, conn, m)
+            probe = probed.result()
+            # A unit the service manager says is stopped or failed serves nothing: its etcdctl
+            # reads are not waited for (2 s of dial timeout, the most of a replacement's
+            # preflight). A unit that is active or still starting is asked, and etcd's own
+            # client decides.
+            down = svc.result() in ("inactive", "failed")
+        finally:
+            ex.shutdown(wait=False)  # what is still running ends at its own command timeout
         healthy = False if down else health.result()
         status = stat.result() if healthy else None  # an unhealthy member's answers are not facts
         members = mlist.result() if healthy else None

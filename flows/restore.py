@@ -268,8 +268,9 @@ def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow
     if not snapshot:
         raise NovaDRError("no snapshot given; pass --param snapshot=PATH (an etcd_snapshot_*.db.tar.gz or .db), "
                           "or store=URL with backup=latest|TIMESTAMP")
-    refuse_no_room(workdir, snapshot)
-    snap = prepare_snapshot(snapshot, workdir, cluster.nova_version, allow_version_mismatch)
+    if for_a_person:  # the plan's read of the contents needs the .db here; otherwise it is only hashed
+        refuse_no_room(workdir, snapshot)
+    snap = prepare_snapshot(snapshot, workdir, cluster.nova_version, allow_version_mismatch, keep_db=for_a_person)
     if origin:
         print(f"warning: {origin}")  # the flow logs it (log_prints); `nova-dr plan` shows it
         snap.warnings.append(origin)
@@ -305,9 +306,12 @@ SLACK = 64 << 20
 
 def refuse_no_room(workdir: str, snapshot: str) -> None:
     """The archive is unpacked on this machine before anything: with room for it, or not at all."""
-    need = unpacked_size(snapshot) + SLACK
+    size = unpacked_size(snapshot)
+    if not size:  # a plain .db is read where it lies
+        return
+    need = size + SLACK
     free = shutil.disk_usage(workdir).free
-    if need > SLACK and free < need:
+    if free < need:
         raise PreflightError(f"{workdir}: {free >> 20} MiB free on this machine; unpacking {Path(snapshot).name} needs "
                              f"about {need >> 20} MiB. Free space there, or set NOVA_DR_HOME to a larger disk. "
                              "Nothing was changed")

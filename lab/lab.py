@@ -85,7 +85,7 @@ def _pid_alive(pid: int) -> bool:
     return False
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -123,16 +123,6 @@ def probe_data_dir(conn: Connector, master: Master) -> dict:
     return parse_probe(res.stdout)
 
 
-def remote_sha256(conn: Connector, path: str) -> str | None:
-    res = conn.run(["sha256sum", path], check=False)
-    return res.stdout.split()[0] if res.code == 0 and res.stdout else None
-
-
-def remote_size(conn: Connector, path: str) -> int | None:
-    res = conn.run(["stat", "-c", "%s", path], check=False)
-    return int(res.stdout) if res.code == 0 and res.stdout.strip().isdigit() else None
-
-
 # One command for everything the copy must know first (a re-run's "already done" and the
 # folders): on a 20 ms link each command is two round trips or more.
 COPY_CHECK = r"""

@@ -18,7 +18,7 @@ from core.facts import ClusterFacts, MasterFacts, parse_probe
 from core.inventory import parse_inventory
 from core.names import parse_name
 from core.restore_plan import build_restore_plan
-from core.snapshot import db_digest, prepare_snapshot, safe_extract, scan_archive
+from core.snapshot import db_digest, prepare_snapshot, safe_extract, scan_archive, unpack_db
 
 CAP = Path(__file__).parent / "captured"
 
@@ -204,6 +204,46 @@ def test_prepare_snapshot_checks(tmp_path):
         prepare_snapshot(plain, tmp_path / "w5", "6.0.1")
     with pytest.raises(SnapshotError, match="no such file on this machine"):
         prepare_snapshot(tmp_path / "nope.db", tmp_path / "w6", "6.0.1")
+
+
+def test_an_archive_is_checked_in_one_pass_and_its_db_written_only_when_asked(tmp_path):
+    db = fake_snapshot(tmp_path / "etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2026-01-01_040000.db", pages=3000)
+    arch = _tar(tmp_path / (db.name + ".tar.gz"), {"./" + db.name: db.read_bytes(), "./notes.txt": b"x"})
+    want = hashlib.sha256(db.read_bytes()).hexdigest()
+    kept = unpack_db(arch, tmp_path / "w")
+    assert (kept.member, kept.trailer, kept.sha256, kept.size) == ("./" + db.name, "ok", want, db.stat().st_size)
+    assert kept.archive_sha256 == hashlib.sha256(arch.read_bytes()).hexdigest()
+    assert kept.path.read_bytes() == db.read_bytes() and kept.path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [db.name]  # nothing but the .db
+    hashed = unpack_db(arch, tmp_path / "h", write=False)
+    assert hashed.path is None and hashed.sha256 == want and not (tmp_path / "h").exists()
+    snap = prepare_snapshot(arch, tmp_path / "p", "6.0.1", keep_db=False)
+    assert (snap.db_path, snap.sha256, snap.archive_member) == ("", want, "./" + db.name)
+    # A body flipped inside the archive: its trailer says so, whatever the archive's hash.
+    bad = bytearray(db.read_bytes())
+    bad[700] ^= 1
+    corrupt = _tar(tmp_path / "corrupt.db.tar.gz", {"x.db": bytes(bad)})
+    assert unpack_db(corrupt, tmp_path / "c").trailer == "mismatch"
+    # A truncated gzip is refused (the tar's end is reached, gzip's CRC is not), and the .db
+    # written so far is removed.
+    cut = tmp_path / "cut.db.tar.gz"
+    cut.write_bytes(arch.read_bytes()[:-12])
+    with pytest.raises(SnapshotError, match="not a readable tar archive"):
+        unpack_db(cut, tmp_path / "t")
+    assert not any((tmp_path / "t").glob("*"))
+    with pytest.raises(SnapshotError, match="expected one .db inside, found 0"):
+        unpack_db(_tar(tmp_path / "none.tar.gz", {"a.txt": b"x"}), tmp_path / "n")
+
+
+def test_an_archive_that_differs_from_its_manifest_leaves_nothing_unpacked(tmp_path):
+    db = fake_snapshot(tmp_path / "x.db")
+    arch = _tar(tmp_path / "etcd_snapshot_nova-v6.0.1_k8s-v1.27.11_2026-01-01_040000.db.tar.gz",
+                {"x.db": db.read_bytes()})
+    (tmp_path / "nova-dr-manifest_2026-01-01_040000.json").write_text(
+        '{"files": {"' + arch.name + '": {"sha256": "' + '0' * 64 + '", "size": 1}}}')
+    with pytest.raises(SnapshotError, match="sha256 differs from its manifest"):
+        prepare_snapshot(arch, tmp_path / "w", "6.0.1")
+    assert not any((tmp_path / "w").rglob("*.db"))
 
 
 # -- the restore plan ------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from lab.lab import _pid_alive
 from tasks.remote import connect
-from tests.helpers import make_lab
+from tests.helpers import _free_port, make_lab
 
 
 @pytest.mark.parametrize("n", [1, 3, 5])
@@ -155,11 +155,3 @@ def test_link_profiles_limit_the_flow_machines_link_and_add_a_round_trip(lab3, t
 
     with DelayForwarder(_free_port(), cluster.masters[0].address, 22, 50) as fwd:
         assert banner(fwd.listen_port) >= 0.05  # the server's banner came back 50 ms late
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
