@@ -173,6 +173,7 @@ class FlowTimes:
         self.bytes: list[int] = []
         self.commands: dict[str, int] = {}
         self.step_seconds: dict[str, float] = {}
+        self.slowest: list[tuple[float, str, str]] = []  # of the last run: (seconds, step, command)
         self.cpu: list[dict[str, float]] = []
 
     def run(self, fn, *args, **kw) -> float:
@@ -189,11 +190,12 @@ class FlowTimes:
         self.overheads.append(wall - busy(log))
         self.bytes.append(self.link.bytes() - b0 if self.link else 0)
         self.commands, by_kind = {}, {}
-        for *span, step in log:
+        for t0, t1, step, _ in log:
             self.commands[step_kind(step)] = self.commands.get(step_kind(step), 0) + 1
-            by_kind.setdefault(step_kind(step), []).append((*span, step))
+            by_kind.setdefault(step_kind(step), []).append((t0, t1))
         # The wall time during which some command of each kind ran (overlapping ones once).
         self.step_seconds = {k: busy(v) for k, v in by_kind.items()}
+        self.slowest = sorted(((t1 - t0, step_kind(step), what) for t0, t1, step, what in log), reverse=True)[:6]
         return wall
 
 
@@ -292,6 +294,7 @@ def report(title: str, floors: dict[str, "Timed"], flow_name: str, flows: FlowTi
     print(f"{'SSH commands per kind of step':34} " + ", ".join(f"{k} {v}" for k, v in sorted(flows.commands.items())))
     print(f"{'seconds in commands, by step':34} " + ", ".join(
         f"{k} {v:.2f}" for k, v in sorted(flows.step_seconds.items(), key=lambda kv: -kv[1])))
+    print(f"{'slowest commands (last run)':34} " + ", ".join(f"{w or '?'} ({k}) {d:.2f}" for d, k, w in flows.slowest))
     if flows.cpu:
         print(f"{'CPU seconds of a flow run':34} " + ", ".join(
             f"{k} {statistics.median(c[k] for c in flows.cpu):.1f}" for k in flows.cpu[0]))

@@ -74,7 +74,8 @@ def save_etcd_snapshot(run: Run, member: str, store: BackupStore, ts: str, db_si
     try:
         status = archive.save_snapshot_on_master(conn, m, tmp, db_size)
         name = db + ".tar.gz"
-        size, sha = archive.store_snapshot_archive(conn, tmp, db, store, name, db_size=db_size)
+        size, sha = archive.store_snapshot_archive(conn, tmp, db, store, name, db_size=db_size,
+                                                   zstd=status.pop("zstd", False))
     finally:
         archive.remove_temp_snapshot(conn, tmp)
     return {"name": name, "size": size, "sha256": sha, "kind": "etcd", "member": member, "status": status}

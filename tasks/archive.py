@@ -86,9 +86,44 @@ class _Gzip:
         return self.size >= 1024 and self.size % 512 == 0 and self.tail == bytes(1024)
 
 
-def stream_tar_gz(conn: Connector, argv: list[str], out, timeout: float = 3600) -> None:
+class _Unzstd:
+    """zstd's frames from the master, decompressed onto the gzip writer as they come."""
+
+    def __init__(self, out):
+        import zstandard
+
+        self.out, self.d = out, zstandard.ZstdDecompressor().decompressobj()
+
+    def write(self, data) -> None:
+        import zstandard
+
+        try:
+            self.out.write(self.d.decompress(bytes(data)))
+        except zstandard.ZstdError as err:
+            raise NovaDRError(f"the master's zstd stream is damaged ({err}); nothing was kept of this file") from None
+
+
+# tar into zstd on the master, with both exit codes: a pipe in sh keeps only the last one.
+_TAR_ZSTD = r"""
+f=$(mktemp) || exit 1
+{ "$@"; echo $? > "$f"; } | zstd -1 -q -c
+z=$?; t=$(cat "$f"); rm -f "$f"
+[ "$t" = 0 ] && [ "$z" = 0 ] || { echo "tar exited $t, zstd $z" >&2; exit 1; }
+"""
+
+
+def stream_tar_gz(conn: Connector, argv: list[str], out, timeout: float = 3600, zstd: bool = False) -> None:
+    """A tar made on the master, stored gzipped. `zstd`: the master has zstd, and the tar crosses
+    the link compressed by it (decompressed and gzipped here, in the same pass)."""
     gz = _Gzip(out)
-    conn.stream(argv, gz, timeout=timeout)
+    if zstd:
+        un = _Unzstd(gz)
+        conn.stream(["sh", "-c", _TAR_ZSTD, "tar-zstd", *argv], un, timeout=timeout)
+        if not un.d.eof:
+            raise NovaDRError(f"{conn.name}: the zstd stream of `{' '.join(argv[:3])}` ended early; nothing was "
+                              "kept of this file")
+    else:
+        conn.stream(argv, gz, timeout=timeout)
     gz.close()
     if not gz.whole_tar():  # never store a cut archive as if it were whole
         raise NovaDRError(f"{conn.name}: the tar stream of `{' '.join(argv[:3])}` ended early ({gz.size} bytes, "
@@ -102,12 +137,18 @@ def store_node_archive(conn: Connector, master: Master, files: list[str], store:
     return store.put(name, lambda out: stream_tar_gz(conn, argv, out), mode=0o600)
 
 
+# The room in the backup dir (made if missing) and whether the master has zstd, in one command.
+SAVE_PROBE = r"""mkdir -p "$1" && df -P -B1 "$1" | awk 'NR == 2 {printf "%s ", $4}'
+command -v zstd >/dev/null 2>&1 && echo zstd || echo none
+"""
+
+
 def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str, db_size: int) -> dict:
     """`etcdctl snapshot save` against this member alone, then `snapshot status` of the file.
     Both etcdctl's own deadline and ours are sized from the member's db size (endpoint status)."""
     env = read_etcd_env(conn, master)
     folder = tmp_path.rsplit("/", 1)[0]
-    free = conn.run(["sh", "-c", 'mkdir -p "$1" && df -P -B1 "$1" | awk \'NR == 2 {print $4}\'', "df", folder]).stdout.strip()
+    free, zstd = (conn.run(["sh", "-c", SAVE_PROBE, "probe", folder]).stdout.split() + ["", ""])[:2]
     need = db_size + (64 << 20)  # the saved file, plus room for what else writes there meanwhile
     if free.isdigit() and int(free) < need:
         raise NovaDRError(f"{master.etcd_member}: {folder} has {int(free) >> 20} MiB free, the snapshot needs about "
@@ -118,18 +159,19 @@ def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str, db_s
             timeout=bound + 60)
     binary = restore_binary(conn, master)
     st = parse_snapshot_status(conn.run(["env", "ETCDCTL_API=3", binary, "snapshot", "status", tmp_path, "-w", "json"]).stdout)
-    return json.loads(st.model_dump_json())
+    return {**json.loads(st.model_dump_json()), "zstd": zstd == "zstd"}
 
 
 def store_snapshot_archive(conn: Connector, tmp_path: str, member_name: str, store: BackupStore,
-                           name: str, mode: int = 0o600, db_size: int = 0) -> tuple[int, str]:
+                           name: str, mode: int = 0o600, db_size: int = 0, zstd: bool = False) -> tuple[int, str]:
     """The saved db as a gzip tar whose one member is `opt/backup/<name>.db`, so the seed's
     restore commands (untar in /tmp, restore /tmp/opt/backup/<name>.db) work unchanged."""
     folder, base = tmp_path.rsplit("/", 1)
     pattern = base.replace(".", "\\.")
     argv = ["tar", "-cf", "-", "-C", folder, f"--transform=s|^{pattern}$|opt/backup/{member_name}|", "--", base]
     # Bounded by the bytes, not a fixed hour: an 8 GiB database on a slow disk takes longer.
-    return store.put(name, lambda out: stream_tar_gz(conn, argv, out, max(3600.0, work_timeout(db_size))), mode=mode)
+    return store.put(name, lambda out: stream_tar_gz(conn, argv, out, max(3600.0, work_timeout(db_size)), zstd),
+                     mode=mode)
 
 
 def remove_temp_snapshot(conn: Connector, tmp_path: str) -> None:

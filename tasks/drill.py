@@ -73,7 +73,9 @@ def scratch_etcd(snapshot_db: str, bins: Path, bump_revision: int = 0) -> Iterat
         proc = subprocess.Popen([str(bins / "etcd"), "--name", "drill", "--data-dir", str(tmp / "data"),
                                  "--listen-peer-urls", "unix://peer.sock:0",
                                  "--listen-client-urls", "unix://client.sock:0",
-                                 "--advertise-client-urls", "unix://client.sock:0"],
+                                 "--advertise-client-urls", "unix://client.sock:0",
+                                 # a history is applied in large txns (tasks/replay.py)
+                                 "--max-txn-ops", "2000", "--max-request-bytes", str(16 << 20)],
                                 cwd=tmp, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={k: v for k, v in os.environ.items() if not k.startswith("ETCD")})
         endpoint = f"unix://{tmp}/client.sock:0"

@@ -45,7 +45,7 @@ class Connector(Protocol):
     def run(self, argv: Sequence[str], *, timeout: float = 120, check: bool = True,
             stdin: bytes | None = None) -> Result: ...
 
-    def stream(self, argv: Sequence[str], sink, *, timeout: float = 3600) -> Result:
+    def stream(self, argv: Sequence[str], sink, *, timeout: float = 3600, stdin: bytes | None = None) -> Result:
         """Run a command whose stdout goes to `sink` as it arrives (not kept in memory)."""
 
     def put_file(self, local: str | Path, remote: str, mode: int | None = None, unpack: str | None = None,
@@ -60,16 +60,17 @@ class Connector(Protocol):
     def close(self) -> None: ...
 
 
-_recorders: list[list[tuple[float, float, str]]] = []
+_recorders: list[list[tuple[float, float, str, str]]] = []
 
 
 @contextmanager
 def record_commands():
-    """While open, every SSH command lands in the list it yields as (start, end, step): its
-    times in time.monotonic() and the Prefect task run it ran in ("" outside one). The
+    """While open, every SSH command lands in the list it yields as (start, end, step, what):
+    its times in time.monotonic(), the Prefect task run it ran in ("" outside one) and the
+    command's first words (an `sh -c` script by its label). The
     benchmarks' measure of orchestration overhead (wall time with no command running) and of
     round trips per step."""
-    log_: list[tuple[float, float, str]] = []
+    log_: list[tuple[float, float, str, str]] = []
     _recorders.append(log_)
     try:
         yield log_
@@ -84,8 +85,15 @@ def _task_name() -> str:
     return ctx.task_run.name if ctx else ""
 
 
+def _what(argv: Sequence[str]) -> str:
+    words = [str(a) for a in argv]
+    if words[:2] == ["sh", "-c"] and len(words) > 3:
+        return f"sh {words[3]}"
+    return " ".join(w for w in words[:3] if not w.startswith("-") and len(w) < 40)
+
+
 @contextmanager
-def _recorded():
+def _recorded(argv: Sequence[str] = ()):
     if not _recorders:
         yield
         return
@@ -94,7 +102,7 @@ def _recorded():
         yield
     finally:
         for r in list(_recorders):
-            r.append((t0, time.monotonic(), step))
+            r.append((t0, time.monotonic(), step, _what(argv) if argv else ""))
 
 
 def _check(name: str, argv: Sequence[str], res: Result, check: bool) -> Result:
@@ -114,12 +122,16 @@ class LocalConnector:
         res = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
         return _check(self.name, argv, res, check)
 
-    def stream(self, argv, sink, *, timeout=3600) -> Result:
-        with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+    def stream(self, argv, sink, *, timeout=3600, stdin=None) -> Result:
+        with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.PIPE if stdin else subprocess.DEVNULL) as p:
+            if stdin:
+                p.stdin.write(stdin)
+                p.stdin.close()
             err = bytearray()
             t = threading.Thread(target=lambda: err.extend(p.stderr.read()), daemon=True)
             t.start()
-            while chunk := p.stdout.read(1 << 20):
+            while chunk := p.stdout.read1(1 << 20):  # what has come, not a full MiB: a watch trickles
                 sink.write(chunk)
             code = p.wait(timeout)
             t.join()
@@ -336,8 +348,8 @@ class SSHConnector:
         self._refused(argv, res.code, res.stderr)
         return _check(self.name, argv, Result(res.code, out.getvalue().decode(errors="replace"), res.stderr), check)
 
-    def stream(self, argv, sink, *, timeout=3600) -> Result:
-        res = self._exec(argv, sink, timeout, None)
+    def stream(self, argv, sink, *, timeout=3600, stdin=None) -> Result:
+        res = self._exec(argv, sink, timeout, stdin)
         self._refused(argv, res.code, res.stderr)
         return _check(self.name, argv, res, True)
 
@@ -357,7 +369,7 @@ class SSHConnector:
         raise ConnectionLost(f"{self.name}: could not open an SSH channel: {last!r}")
 
     def _exec(self, argv, sink, timeout: float, stdin: bytes | None) -> Result:
-        with _recorded():
+        with _recorded(argv):
             return self._exec_unrecorded(argv, sink, timeout, stdin)
 
     def _exec_unrecorded(self, argv, sink, timeout: float, stdin: bytes | None) -> Result:
@@ -421,7 +433,7 @@ class SSHConnector:
     def put_file(self, local, remote, mode=None, unpack=None, size=None) -> None:
         # A plain `cat` on an exec channel, not SFTP: measured 1.8x faster with paramiko (SFTP
         # pays a request and an ack per 32 KiB).
-        with open(local, "rb") as f, _recorded():  # a missing local file is the caller's error, not the network's
+        with open(local, "rb") as f, _recorded(["put-file"]):  # a missing local file is the caller's error, not the network's
             gz = "z" if unpack and str(local).endswith(("gz", ".tgz")) else ""
             argv = ["sh", "-c", _PUT_SCRIPT, "put", remote, f"{mode:o}" if mode is not None else "",
                     str(size if size is not None else os.fstat(f.fileno()).st_size), unpack or "", gz]

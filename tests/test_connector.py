@@ -186,6 +186,28 @@ def test_a_cut_tar_stream_is_refused(tmp_path):
         stream_tar_gz(local, ["sh", "-c", f"tar -cf - -C {tmp_path / 'd'} . | head -c 100000"], io.BytesIO())
 
 
+def test_a_tar_sent_as_zstd_is_stored_as_the_same_gzip_tar_and_a_failure_on_either_side_is_refused(tmp_path):
+    import gzip
+    import tarfile
+
+    from core.errors import NovaDRError
+    from tasks.archive import stream_tar_gz
+
+    (tmp_path / "d").mkdir()
+    body = b'{"kind": "ConfigMap", "data": "x"}' * 20000
+    (tmp_path / "d" / "f.db").write_bytes(body)
+    local = LocalConnector("local")
+    out = io.BytesIO()
+    stream_tar_gz(local, ["tar", "-cf", "-", "-C", str(tmp_path / "d"), "f.db"], out, zstd=True)
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(out.getvalue()))) as t:
+        assert t.extractfile("f.db").read() == body
+    with pytest.raises(NovaDRError, match="tar exited 2, zstd 0"):  # tar's own failure, not hidden by the pipe
+        stream_tar_gz(local, ["tar", "-cf", "-", "-C", str(tmp_path / "d"), "nope"], io.BytesIO(), zstd=True)
+    with pytest.raises(NovaDRError, match="ended early"):  # a stream cut short: the frame never ends
+        stream_tar_gz(local, ["sh", "-c", f"tar -cf - -C {tmp_path / 'd'} f.db | head -c 300000"], io.BytesIO(),
+                      zstd=True)
+
+
 def _authorize(lab, tmp_path, name: str, passphrase: str = "") -> str:
     """A new key for nova on the lab's master; returns its private half."""
     import subprocess

@@ -1,0 +1,274 @@
+"""The cluster's history between full snapshots: etcd watch events, stored as segments, and
+what a restore to a point needs from them. Pure: no network, no files.
+
+A whole-keyspace watch sees every revision: etcd bumps its revision only for a write, and
+every write changes a key. So a history is a run of consecutive revisions, each with its
+events, and a missing revision is a gap, never a quiet one (etcd 3.5, server/mvcc/kvstore_txn.go:
+a txn with no changes ends without a new revision).
+
+Each event keeps what the watch's prev-kv gave of the key's previous state: its mod revision.
+A fold checks it against the state it holds, so two segments that overlap or skip (Gardener's
+etcd-backup-restore#1043 and #844) are refused, not merged.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from core.errors import NovaDRError
+
+PUT, DELETE = "put", "del"
+
+
+class HistoryError(NovaDRError):
+    """A history that cannot be trusted to reach the point asked for."""
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # put | del
+    key: str  # base64, as etcd's JSON gives it: keys are bytes
+    value: str = ""  # base64; "" for a delete
+    lease: int = 0
+    prev: int = 0  # the key's mod revision before this event; 0: it did not exist
+
+
+@dataclass(frozen=True)
+class Revision:
+    rev: int
+    at: float  # unix time this machine received it (watch events carry no time of their own)
+    events: tuple[Event, ...]
+
+
+@dataclass(frozen=True)
+class WatchResponse:
+    revision: int  # the header's: the store's revision when etcd sent it
+    revisions: tuple[Revision, ...]
+    compacted: int = 0  # >0: the watch asked for history etcd had already compacted away
+    canceled: bool = False
+
+
+def parse_watch(line: str, at: float) -> WatchResponse:
+    """One line of `etcdctl watch -w json --prev-kv` (captured in tests/captured/watch_json.txt):
+    a WatchResponse, its events grouped by the revision that made them."""
+    doc = json.loads(line)
+    by_rev: dict[int, list[Event]] = {}
+    for e in doc.get("Events") or []:
+        kv, prev = e["kv"], e.get("prev_kv") or {}
+        kind = DELETE if e.get("type") == 1 else PUT
+        by_rev.setdefault(int(kv["mod_revision"]), []).append(Event(
+            kind, kv["key"], kv.get("value", "") if kind == PUT else "", int(kv.get("lease", 0)) if kind == PUT else 0,
+            int(prev.get("mod_revision", 0))))
+    revs = tuple(Revision(r, at, tuple(ev)) for r, ev in sorted(by_rev.items()))
+    return WatchResponse(int(doc.get("Header", {}).get("revision", 0)), revs,
+                         int(doc.get("CompactRevision", 0)), bool(doc.get("Canceled")))
+
+
+# -- segments ---------------------------------------------------------------------------
+
+SEGMENT_RE = re.compile(r"^etcd-history_r(\d{12})-r(\d{12})_(\d{4}-\d\d-\d\dT\d{6}\.\d{3}Z)\.jsonl\.gz$")
+
+
+def _stamp(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H%M%S.%f")[:-3] + "Z"
+
+
+def segment_name(first: int, last: int, newest_at: float) -> str:
+    """Sorted by name is sorted by revision; the time is when its newest revision arrived."""
+    return f"etcd-history_r{first:012d}-r{last:012d}_{_stamp(newest_at)}.jsonl.gz"
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    name: str
+    first: int
+    last: int
+    newest_at: float
+
+
+def parse_segment_name(name: str) -> SegmentName | None:
+    m = SEGMENT_RE.match(name.rsplit("/", 1)[-1].removesuffix(".age"))
+    if not m:
+        return None
+    at = datetime.strptime(m.group(3), "%Y-%m-%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    return SegmentName(name, int(m.group(1)), int(m.group(2)), at)
+
+
+@dataclass(frozen=True)
+class Segment:
+    revisions: list[Revision]
+    lease_ttls: dict[int, int]  # the granted TTL of each lease first seen in it, as etcd said
+
+
+def encode_segment(revs: list[Revision], lease_ttls: dict[int, int] | None = None) -> tuple[str, bytes]:
+    """(name, gzip of a header line, then one JSON line per revision). Revisions consecutive."""
+    check_consecutive(revs, "segment")
+    head = json.dumps({"segment": 1, "leases": {str(k): v for k, v in sorted((lease_ttls or {}).items())}})
+    lines = [head] + [json.dumps({"r": r.rev, "t": round(r.at, 3),
+                                  "e": [[e.kind, e.key, e.value, e.lease, e.prev] for e in r.events]},
+                                 separators=(",", ":")) for r in revs]
+    return segment_name(revs[0].rev, revs[-1].rev, revs[-1].at), gzip.compress(("\n".join(lines) + "\n").encode(), 6)
+
+
+def decode_segment(name: str, data: bytes) -> Segment:
+    """A segment read back from a store, checked against its own name before it is used."""
+    parsed = parse_segment_name(name)
+    if parsed is None:
+        raise HistoryError(f"{name}: not a history segment's name")
+    try:
+        head, *body = map(json.loads, gzip.decompress(data).decode().splitlines())
+        leases = {int(k): int(v) for k, v in head["leases"].items()}
+        revs = [Revision(int(d["r"]), float(d["t"]), tuple(_event(*e) for e in d["e"])) for d in body]
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as err:
+        raise HistoryError(f"{name}: unreadable ({err}); the segment is damaged") from None
+    if not revs or (revs[0].rev, revs[-1].rev) != (parsed.first, parsed.last):
+        raise HistoryError(f"{name}: holds revisions other than its name says")
+    check_consecutive(revs, name)
+    return Segment(revs, leases)
+
+
+def _event(kind, key, value, lease, prev) -> Event:
+    if kind not in (PUT, DELETE) or not isinstance(key, str) or not isinstance(value, str):
+        raise ValueError(f"not an event: {kind!r}")
+    return Event(kind, key, value, int(lease), int(prev))
+
+
+def check_consecutive(revs: list[Revision], label: str) -> None:
+    if not revs:
+        raise HistoryError(f"{label}: no revisions")
+    for a, b in zip(revs, revs[1:]):
+        if b.rev != a.rev + 1:
+            raise HistoryError(f"{label}: revision {a.rev} is followed by {b.rev}: {b.rev - a.rev - 1} missing")
+
+
+# -- what a point needs ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Chain:
+    """The segments that continue a full snapshot at `base` without a gap, and where they end."""
+
+    base: int
+    segments: tuple[SegmentName, ...]
+    reaches: int  # the newest revision recorded without a gap since `base`
+    gap_after: int | None = None  # the first missing revision after `reaches`, when a later segment exists
+
+
+def chain_from(base: int, names: list[str]) -> Chain:
+    """Segments named in a store, from the one holding base + 1 onwards, stopping at the first
+    gap. A segment that overlaps the last one kept (a capture restarted, two captures after a
+    leader hand-off) is used only when it continues exactly: its revisions up to the overlap
+    are the same events, or the fold's prev-revision checks refuse them."""
+    segs = sorted((s for s in map(parse_segment_name, names) if s), key=lambda s: (s.first, s.last))
+    kept: list[SegmentName] = []
+    reaches = base
+    for s in segs:
+        if s.last <= reaches:
+            continue  # wholly before the base, or wholly inside what is kept
+        if s.first > reaches + 1:
+            return Chain(base, tuple(kept), reaches, gap_after=reaches + 1)
+        kept.append(s)
+        reaches = s.last
+    return Chain(base, tuple(kept), reaches)
+
+
+def revision_at(point: float, revs: list[Revision]) -> int | None:
+    """The newest revision that had arrived at `point` (unix time); None when none had."""
+    best = None
+    for r in revs:
+        if r.at <= point:
+            best = r.rev
+        else:
+            break
+    return best
+
+
+@dataclass
+class Fold:
+    """The net effect of a run of revisions on a keyspace: per key, its last value and lease, or
+    its deletion. Applying it to a snapshot at `base` gives the keyspace at `reached`."""
+
+    base: int
+    reached: int = 0
+    state: dict[str, tuple[str, int, int] | None] = field(default_factory=dict)  # key: (value, lease, mod rev)
+    leases: set[int] = field(default_factory=set)
+
+    def __post_init__(self):
+        self.reached = self.reached or self.base
+
+    def add(self, r: Revision) -> None:
+        if r.rev <= self.reached:
+            return  # an overlap already folded: skipped whole (its events were checked once)
+        if r.rev != self.reached + 1:
+            raise HistoryError(f"revision {self.reached + 1} is missing before {r.rev}: the history has a gap")
+        for e in r.events:
+            known = self.state.get(e.key, ...)
+            if known is not ... and (known[2] if known else 0) != e.prev:
+                raise HistoryError(f"revision {r.rev}: key {_show(e.key)} was at revision {e.prev} before this "
+                                   f"event, the history says {known[2] if known else 0}: the segments do not "
+                                   "continue each other")
+            self.state[e.key] = (e.value, e.lease, r.rev) if e.kind == PUT else None
+        self.reached = r.rev
+
+    def puts(self) -> dict[str, tuple[str, int]]:
+        return {k: (v[0], v[1]) for k, v in self.state.items() if v is not None}
+
+    def deletes(self) -> list[str]:
+        return [k for k, v in self.state.items() if v is None]
+
+
+def _show(key_b64: str) -> str:
+    raw = base64.b64decode(key_b64)
+    return repr(raw.decode(errors="replace")[:80])
+
+
+# -- capture -----------------------------------------------------------------------------
+
+class Recorder:
+    """Turns a watch's responses into segments: continues `last` (the store's newest recorded
+    revision) and cuts a segment every `flush_seconds` or `flush_bytes` of events. A response
+    that does not continue `last`, or a watch canceled by a compaction, raises HistoryError:
+    the capture reports it and takes a full snapshot; a gap is never stored as history."""
+
+    def __init__(self, last: int, flush_seconds: float = 10, flush_bytes: int = 8 << 20):
+        self.last, self.flush_seconds, self.flush_bytes = last, flush_seconds, flush_bytes
+        self.pending: list[Revision] = []
+        self.pending_bytes = 0
+        self.lease_ids: set[int] = set()
+
+    def take(self, resp: WatchResponse) -> None:
+        if resp.compacted:
+            raise HistoryError(f"etcd compacted its history to revision {resp.compacted} before the capture read "
+                               f"revision {self.last + 1}: revisions {self.last + 1}..{resp.compacted} are lost "
+                               "to this history")
+        if resp.canceled:
+            raise HistoryError(f"etcd canceled the watch at revision {self.last + 1}")
+        for r in resp.revisions:
+            if r.rev <= self.last:
+                continue  # a re-sent revision after a reconnect: already recorded
+            if r.rev != self.last + 1:
+                raise HistoryError(f"the watch went from revision {self.last} to {r.rev}: "
+                                   f"{r.rev - self.last - 1} revisions were not seen")
+            self.pending.append(r)
+            self.pending_bytes += sum(len(e.key) + len(e.value) + 40 for e in r.events)
+            self.last = r.rev
+
+    def due(self, now: float) -> bool:
+        return bool(self.pending) and (self.pending_bytes >= self.flush_bytes
+                                       or now - self.pending[0].at >= self.flush_seconds)
+
+    def cut(self, ttl_of=None) -> tuple[str, bytes, list[Revision]] | None:
+        """The pending revisions as a segment (name, bytes, revisions), or None. `ttl_of(ids)`
+        gives the granted TTL of leases first seen here ({id: ttl}; a lease already gone is left
+        out, and its keys' deletions are in the history)."""
+        if not self.pending:
+            return None
+        revs, self.pending, self.pending_bytes = self.pending, [], 0
+        fresh = sorted({e.lease for r in revs for e in r.events if e.lease} - self.lease_ids)
+        self.lease_ids.update(fresh)
+        name, data = encode_segment(revs, ttl_of(fresh) if ttl_of and fresh else {})
+        return name, data, revs
