@@ -17,7 +17,7 @@ from typing import Callable
 
 from core.errors import CommandError, NovaDRError
 from core.etcd import etcdctl_command
-from core.history import Recorder, parse_watch
+from core.history import HistoryError, Recorder, parse_watch
 from core.inventory import Master
 from tasks.etcd import etcdctl
 from tasks.remote import Connector
