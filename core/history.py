@@ -261,14 +261,20 @@ class Recorder:
         return bool(self.pending) and (self.pending_bytes >= self.flush_bytes
                                        or now - self.pending[0].at >= self.flush_seconds)
 
+    def pop(self) -> tuple[list[Revision], list[int]]:
+        """The pending revisions, and the lease IDs first seen in them (whose TTL the segment
+        records); nothing is pending afterwards."""
+        revs, self.pending, self.pending_bytes = self.pending, [], 0
+        fresh = sorted({e.lease for r in revs for e in r.events if e.lease} - self.lease_ids)
+        self.lease_ids.update(fresh)
+        return revs, fresh
+
     def cut(self, ttl_of=None) -> tuple[str, bytes, list[Revision]] | None:
         """The pending revisions as a segment (name, bytes, revisions), or None. `ttl_of(ids)`
         gives the granted TTL of leases first seen here ({id: ttl}; a lease already gone is left
         out, and its keys' deletions are in the history)."""
-        if not self.pending:
+        revs, fresh = self.pop()
+        if not revs:
             return None
-        revs, self.pending, self.pending_bytes = self.pending, [], 0
-        fresh = sorted({e.lease for r in revs for e in r.events if e.lease} - self.lease_ids)
-        self.lease_ids.update(fresh)
         name, data = encode_segment(revs, ttl_of(fresh) if ttl_of and fresh else {})
         return name, data, revs

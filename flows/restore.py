@@ -49,7 +49,8 @@ def copy_snapshot(run: Run, step: Step, up: dict) -> str:
 
 def check_snapshot(run: Run, step: Step, up: dict) -> dict:
     conn, m = on(run, step)
-    st = etcd.read_snapshot_status(conn, m, f"{datadir.work_dir(m, run.recovery_id)}/snapshot.db")
+    st = etcd.read_snapshot_status(conn, m, f"{datadir.work_dir(m, run.recovery_id)}/snapshot.db",
+                                   run.data["snapshot"].size)
     return {"revision": st.revision, "hash": st.hash, "total_size": st.total_size}
 
 

@@ -12,10 +12,10 @@ import json
 from isal import igzip
 
 from core.errors import NovaDRError
-from core.etcd import parse_snapshot_status, work_timeout
+from core.etcd import work_timeout
 from core.inventory import Master
 from core.pki import PKIEntry, parse_pki_listing, select_pki_files
-from tasks.etcd import etcdctl, read_etcd_env, restore_binary
+from tasks.etcd import etcdctl, read_etcd_env, read_snapshot_status
 from tasks.remote import Connector
 from tasks.storage import BackupStore
 
@@ -157,8 +157,7 @@ def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str, db_s
     bound = int(work_timeout(db_size))
     etcdctl(conn, master, env, "snapshot", "save", tmp_path, f"--command-timeout={bound}s", own=True,
             timeout=bound + 60)
-    binary = restore_binary(conn, master)
-    st = parse_snapshot_status(conn.run(["env", "ETCDCTL_API=3", binary, "snapshot", "status", tmp_path, "-w", "json"]).stdout)
+    st = read_snapshot_status(conn, master, tmp_path, db_size)
     return {**json.loads(st.model_dump_json()), "zstd": zstd == "zstd"}
 
 

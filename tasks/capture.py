@@ -17,7 +17,7 @@ from typing import Callable
 
 from core.errors import CommandError, NovaDRError
 from core.etcd import etcdctl_command
-from core.history import HistoryError, Recorder, parse_watch
+from core.history import HistoryError, Recorder, encode_segment, parse_watch
 from core.inventory import Master
 from tasks.etcd import etcdctl
 from tasks.remote import Connector
@@ -61,9 +61,11 @@ def capture(conn: Connector, master: Master, env: dict[str, str], rec: Recorder,
         with lock:
             if not (force and rec.pending) and not rec.due(time.time()):
                 return
-            seg = rec.cut(ttl_of)
-        if seg:
-            write(*seg)
+            revs, fresh = rec.pop()
+        # Outside the lock: the TTL look-ups and the store's write must not hold up the reading.
+        # One thread flushes at a time (the flusher, then the last flush after it ends), in order.
+        name, data = encode_segment(revs, ttl_of(fresh) if ttl_of and fresh else {})
+        write(name, data, revs)
 
     def sink(chunk: bytes) -> None:
         nonlocal partial

@@ -85,10 +85,13 @@ def restore_binary(conn: Connector, master: Master) -> str:
     return p.etcdctl
 
 
-def read_snapshot_status(conn: Connector, master: Master, path: str) -> SnapshotStatus:
+def read_snapshot_status(conn: Connector, master: Master, path: str, size: int) -> SnapshotStatus:
+    """`snapshot status` reads and hashes the whole file (`size` bytes): its wait is sized from
+    them (at 8 GiB it took over two minutes here)."""
     binary = restore_binary(conn, master)
     env = ["env", "ETCDCTL_API=3"]
-    return parse_snapshot_status(conn.run([*env, binary, "snapshot", "status", path, "-w", "json"]).stdout)
+    return parse_snapshot_status(conn.run([*env, binary, "snapshot", "status", path, "-w", "json"],
+                                          timeout=work_timeout(size)).stdout)
 
 
 def bump_for(conn: Connector, master: Master, bump_revision: int) -> int:
