@@ -191,6 +191,8 @@ def unpack_db(archive: str | Path, dest: str | Path, write: bool = True, max_byt
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for m in tar:
                     bound.add(m.size if m.isfile() else 0, 1)
+                    if m.isdir() and m.name.strip("/") in (".", ""):
+                        continue  # `tar cf - -C dir .` starts with the folder itself
                     check_member(m)
                     if m.isfile() and m.name.endswith(".db"):
                         found.append(_stream_db(tar, m, dest, write and not found))

@@ -74,7 +74,11 @@ def leases(gw: Gateway) -> set[int]:
 def kept_alive(endpoint: str, every: float = 1.0) -> Iterator[set[int]]:
     """Every lease of the scratch etcd, and every one added to the yielded set, is renewed each
     `every` seconds until the block ends (a lease's TTL is at least etcd's minimum, 5 s or more)."""
-    ids = set(leases(Gateway(endpoint)))
+    first = Gateway(endpoint)
+    try:
+        ids = leases(first)
+    finally:
+        first.close()
     stop = threading.Event()
     failed: list[str] = []
 

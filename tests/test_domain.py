@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -233,6 +234,10 @@ def test_an_archive_is_checked_in_one_pass_and_its_db_written_only_when_asked(tm
     assert not any((tmp_path / "t").glob("*"))
     with pytest.raises(SnapshotError, match="expected one .db inside, found 0"):
         unpack_db(_tar(tmp_path / "none.tar.gz", {"a.txt": b"x"}), tmp_path / "n")
+    # An operator's `tar czf x.tar.gz -C dir .` starts with the folder "./" itself.
+    dotted = tmp_path / "dotted.tar.gz"
+    subprocess.run(["tar", "-czf", str(dotted), "-C", str(tmp_path / "w"), "."], check=True)
+    assert unpack_db(dotted, tmp_path / "d").sha256 == want
 
 
 def test_an_archive_that_differs_from_its_manifest_leaves_nothing_unpacked(tmp_path):
