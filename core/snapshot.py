@@ -221,7 +221,7 @@ def _stream_db(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, write: bool
     out = None
     if path is not None:
         dest.mkdir(parents=True, exist_ok=True)
-        out = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+        out = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb")
     try:
         src = tar.extractfile(m)
         while chunk := src.read(4 << 20):
