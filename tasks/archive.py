@@ -87,18 +87,20 @@ class _Gzip:
 
 
 class _Unzstd:
-    """zstd's frames from the master, decompressed onto the gzip writer as they come."""
+    """zstd's frames from the master, decompressed onto the gzip writer as they come, in pieces
+    of at most 1 MiB (a few bytes of zstd can stand for gigabytes: never all in memory). A cut
+    stream leaves the tar inside without its end marker, which stream_tar_gz refuses."""
 
     def __init__(self, out):
         import zstandard
 
-        self.out, self.d = out, zstandard.ZstdDecompressor().decompressobj()
+        self.w = zstandard.ZstdDecompressor().stream_writer(out, write_size=1 << 20, closefd=False)
 
     def write(self, data) -> None:
         import zstandard
 
         try:
-            self.out.write(self.d.decompress(bytes(data)))
+            self.w.write(bytes(data))
         except zstandard.ZstdError as err:
             raise NovaDRError(f"the master's zstd stream is damaged ({err}); nothing was kept of this file") from None
 
@@ -117,11 +119,7 @@ def stream_tar_gz(conn: Connector, argv: list[str], out, timeout: float = 3600, 
     the link compressed by it (decompressed and gzipped here, in the same pass)."""
     gz = _Gzip(out)
     if zstd:
-        un = _Unzstd(gz)
-        conn.stream(["sh", "-c", _TAR_ZSTD, "tar-zstd", *argv], un, timeout=timeout)
-        if not un.d.eof:
-            raise NovaDRError(f"{conn.name}: the zstd stream of `{' '.join(argv[:3])}` ended early; nothing was "
-                              "kept of this file")
+        conn.stream(["sh", "-c", _TAR_ZSTD, "tar-zstd", *argv], _Unzstd(gz), timeout=timeout)
     else:
         conn.stream(argv, gz, timeout=timeout)
     gz.close()

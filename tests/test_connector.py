@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
 import os
 import threading
 import time
@@ -203,9 +204,20 @@ def test_a_tar_sent_as_zstd_is_stored_as_the_same_gzip_tar_and_a_failure_on_eith
         assert t.extractfile("f.db").read() == body
     with pytest.raises(NovaDRError, match="tar exited 2, zstd 0"):  # tar's own failure, not hidden by the pipe
         stream_tar_gz(local, ["tar", "-cf", "-", "-C", str(tmp_path / "d"), "nope"], io.BytesIO(), zstd=True)
-    with pytest.raises(NovaDRError, match="ended early"):  # a stream cut short: the frame never ends
+    with pytest.raises(NovaDRError, match="ended early"):  # a tar cut short, then compressed
         stream_tar_gz(local, ["sh", "-c", f"tar -cf - -C {tmp_path / 'd'} f.db | head -c 300000"], io.BytesIO(),
                       zstd=True)
+    # The zstd stream itself cut short, as a dropped link would leave it.
+    whole = subprocess.run(["sh", "-c", f"tar -cf - -C {tmp_path / 'd'} f.db | zstd -1 -q -c"], capture_output=True,
+                           check=True).stdout
+    (tmp_path / "cut.zst").write_bytes(whole[: len(whole) - 40])
+
+    class Cut(LocalConnector):
+        def stream(self, argv, sink, *, timeout=3600, stdin=None):
+            return super().stream(["cat", str(tmp_path / "cut.zst")], sink, timeout=timeout)
+
+    with pytest.raises(NovaDRError, match="ended early"):
+        stream_tar_gz(Cut("local"), ["tar", "-cf", "-", "-C", str(tmp_path / "d"), "f.db"], io.BytesIO(), zstd=True)
 
 
 def _authorize(lab, tmp_path, name: str, passphrase: str = "") -> str:
