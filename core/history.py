@@ -278,3 +278,82 @@ class Recorder:
             return None
         name, data = encode_segment(revs, ttl_of(fresh) if ttl_of and fresh else {})
         return name, data, revs
+
+
+# -- a restore to a point ----------------------------------------------------------------
+
+BUMP_MARGIN = 1_000_000  # revisions above the newest recorded one, for writes the capture had not yet stored
+
+
+@dataclass(frozen=True)
+class PointPlan:
+    base: str  # the full snapshot's set (its timestamp)
+    base_revision: int
+    target: int  # the revision the restore reaches
+    segments: tuple[SegmentName, ...]  # what is folded onto the base, in order
+    newest: int  # the newest revision anything recorded
+    bump: int  # what the restore adds to its revision
+
+    def lines(self, asked: str) -> list[str]:
+        behind = self.newest - self.target
+        return [f"point asked: {asked}",
+                f"reached: revision {self.target}, from the full snapshot of {self.base} (revision "
+                f"{self.base_revision}) and {len(self.segments)} history segments",
+                f"behind the newest recorded revision ({self.newest}) by {behind} revisions" if behind else
+                f"the newest recorded revision ({self.newest})",
+                f"revision bump: +{self.bump} (past the newest recorded revision, plus {BUMP_MARGIN})"]
+
+
+def bump_after(newest: int, target: int, margin: int = BUMP_MARGIN) -> int:
+    """The restored store must start above every revision a client may have seen: the newest
+    the capture recorded (not the point's, and not a guess from the store's own state, which
+    no member has when all are lost), plus a margin for what was written but not yet stored."""
+    return max(0, newest - target) + margin
+
+
+def plan_point(bases: list[tuple[str, int, float]], names: list[str], load, revision: int | None = None,
+               point: float | None = None) -> PointPlan:
+    """Which full snapshot and which segments reach `revision`, or the newest revision that had
+    arrived at `point` (unix time), or (neither given) the newest recorded without a gap.
+    `bases`: (set timestamp, its snapshot's revision, unix time it was taken); `load(name)`: a segment's revisions,
+    read only for the one a point falls inside. Refuses, naming the gap, what cannot be reached."""
+    if revision is not None and point is not None:
+        raise HistoryError("give a point in time or a revision, not both")
+    if not bases:
+        raise HistoryError("no full snapshot to start from: a restore to a point needs a backup set before it")
+    bases = sorted(bases, key=lambda b: b[1])
+    parsed = [s for s in map(parse_segment_name, names) if s]
+    newest = max([b[1] for b in bases] + [s.last for s in parsed])
+    target = revision
+    if point is not None:
+        target = _revision_at_point(bases, names, load, point)
+    elif target is None:
+        target = chain_from(bases[-1][1], names).reaches
+    usable = [b for b in bases if b[1] <= target]
+    if not usable:
+        raise HistoryError(f"revision {target} is older than the oldest full snapshot ({bases[0][0]}, revision "
+                           f"{bases[0][1]}): it cannot be restored")
+    ts, base_rev, _ = usable[-1]
+    chain = chain_from(base_rev, names)
+    if chain.reaches < target:
+        gap = f"; revision {chain.gap_after} is missing" if chain.gap_after else ""
+        raise HistoryError(f"revision {target} cannot be reached: the history after the full snapshot of {ts} "
+                           f"(revision {base_rev}) reaches revision {chain.reaches}{gap}")
+    segs = tuple(s for s in chain.segments if s.first <= target)
+    return PointPlan(ts, base_rev, target, segs, newest, bump_after(newest, target))
+
+
+def _revision_at_point(bases, names, load, point: float) -> int:
+    if point < bases[0][2]:
+        raise HistoryError(f"{_stamp(point)} is before the oldest full snapshot ({bases[0][0]}): it cannot be restored")
+    best = max(b[1] for b in bases if b[2] <= point)  # the newest full snapshot taken by then
+    for _, base_rev, _ in bases:  # each base's history, up to the segment the point falls inside
+        for seg in chain_from(base_rev, names).segments:
+            if seg.newest_at <= point:
+                best = max(best, seg.last)
+                continue
+            inside = revision_at(point, [r for r in load(seg.name) if r.rev > base_rev])
+            if inside is not None:
+                best = max(best, inside)
+            break
+    return best

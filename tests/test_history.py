@@ -110,3 +110,52 @@ def test_a_point_in_time_is_the_newest_revision_that_had_arrived():
     assert revision_at(107.5, revs) == 7
     assert revision_at(104.0, revs) is None
     assert revision_at(1e9, revs) == 9
+
+
+def _history(first: int, last: int, per: int, t0: float = 1000.0) -> tuple[list[str], dict[str, list[Revision]]]:
+    """Segments of `per` revisions from `first` to `last`, revision r arriving at t0 + r."""
+    names, revs = [], {}
+    for a in range(first, last + 1, per):
+        rs = [Revision(r, t0 + r, (Event(PUT, b64(f"k{r}"), b64("v"), 0, 0),)) for r in range(a, min(a + per, last + 1))]
+        name = segment_name(rs[0].rev, rs[-1].rev, rs[-1].at)
+        names.append(name)
+        revs[name] = rs
+    return names, revs
+
+
+def test_a_point_plan_picks_the_base_and_the_segments_and_sizes_the_bump_from_the_newest_revision():
+    from core.history import BUMP_MARGIN, plan_point
+
+    names, revs = _history(101, 400, 50)
+    bases = [("2026-12-02_040000", 100, 1000.0 + 100), ("2026-12-02_050000", 250, 1000.0 + 250)]
+    load = revs.__getitem__
+    newest = plan_point(bases, names, load)
+    assert (newest.base, newest.target, newest.newest) == ("2026-12-02_050000", 400, 400)
+    assert newest.bump == BUMP_MARGIN
+    at = plan_point(bases, names, load, revision=180)
+    assert (at.base_revision, at.target, [s.first for s in at.segments]) == (100, 180, [101, 151])
+    assert at.bump == 400 - 180 + BUMP_MARGIN  # above every revision a client may have seen
+    assert "behind the newest recorded revision (400) by 220 revisions" in at.lines("revision=180")[2]
+    # A point in time: the newest revision that had arrived, read from the segment it falls in.
+    assert plan_point(bases, names, load, point=1000.0 + 333.5).target == 333
+    assert plan_point(bases, names, load, point=1e9).target == 400
+    with pytest.raises(HistoryError, match="before the oldest full snapshot"):
+        plan_point(bases, names, load, point=1000.0)
+    with pytest.raises(HistoryError, match="older than the oldest full snapshot"):
+        plan_point(bases, names, load, revision=50)
+    with pytest.raises(HistoryError, match="not both"):
+        plan_point(bases, names, load, revision=5, point=5.0)
+
+
+def test_a_point_past_a_gap_is_refused_naming_it():
+    from core.history import plan_point
+
+    names, revs = _history(101, 400, 50)
+    names.remove(segment_name(201, 250, 1000.0 + 250))  # lost: 201..250
+    bases = [("2026-12-02_040000", 100, 1100.0)]
+    with pytest.raises(HistoryError, match=r"revision 300 cannot be reached: .* reaches revision 200; revision 201 is missing"):
+        plan_point(bases, names, revs.__getitem__, revision=300)
+    assert plan_point(bases, names, revs.__getitem__).target == 200  # the newest reachable
+    # A full snapshot after the gap makes the later history reachable again.
+    later = bases + [("2026-12-02_050000", 250, 1250.0)]
+    assert plan_point(later, names, revs.__getitem__, revision=300).base_revision == 250
