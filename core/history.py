@@ -196,6 +196,7 @@ class Fold:
     reached: int = 0
     state: dict[str, tuple[str, int, int] | None] = field(default_factory=dict)  # key: (value, lease, mod rev)
     leases: set[int] = field(default_factory=set)
+    in_base: dict[str, bool] = field(default_factory=dict)  # key: it existed before the first event seen
 
     def __post_init__(self):
         self.reached = self.reached or self.base
@@ -211,6 +212,7 @@ class Fold:
                 raise HistoryError(f"revision {r.rev}: key {_show(e.key)} was at revision {e.prev} before this "
                                    f"event, the history says {known[2] if known else 0}: the segments do not "
                                    "continue each other")
+            self.in_base.setdefault(e.key, e.prev != 0)
             self.state[e.key] = (e.value, e.lease, r.rev) if e.kind == PUT else None
         self.reached = r.rev
 
@@ -218,7 +220,8 @@ class Fold:
         return {k: (v[0], v[1]) for k, v in self.state.items() if v is not None}
 
     def deletes(self) -> list[str]:
-        return [k for k, v in self.state.items() if v is None]
+        """Keys to delete from the base: a key made and deleted after it was never there."""
+        return [k for k, v in self.state.items() if v is None and self.in_base[k]]
 
 
 def _show(key_b64: str) -> str:

@@ -111,7 +111,13 @@ def apply_fold(endpoint: str, fold: Fold, lease_ttls: dict[int, int], alive: set
     gw = Gateway(endpoint)
     try:
         puts = fold.puts()
-        have = leases(gw)
+        listed = gw.call("/v3/lease/leases", {})
+        have = {int(x["ID"]) for x in listed.get("leases", [])}
+        start = int(listed["header"]["revision"])
+        if start != fold.base:
+            raise NovaDRError(f"the scratch etcd is at revision {start}, not the full snapshot's {fold.base}: something "
+                              "wrote to it before the history was applied (a lease expired and took its keys: "
+                              "gardener/etcd-backup-restore#1045); nothing was applied")
         granted = 0
         for lid in sorted({lease for _, lease in puts.values() if lease} - have):
             gw.call("/v3/lease/grant", {"ID": lid, "TTL": lease_ttls.get(lid, DEFAULT_LEASE_TTL)})
@@ -120,9 +126,17 @@ def apply_fold(endpoint: str, fold: Fold, lease_ttls: dict[int, int], alive: set
         ops = [{"requestPut": {"key": k, "value": v, **({"lease": lease} if lease else {})}}
                for k, (v, lease) in puts.items()]
         ops += [{"requestDeleteRange": {"key": k}} for k in fold.deletes()]
+        txns, last = 0, start
         for batch in batches(ops):
-            gw.call("/v3/kv/txn", {"success": batch})
-        return {"puts": len(puts), "deletes": len(ops) - len(puts), "leases_granted": granted}
+            last = int(gw.call("/v3/kv/txn", {"success": batch})["header"]["revision"])
+            txns += 1
+        # Every txn changes something (a delete is only of a key the base holds), so each adds
+        # exactly one revision; any other revision is a write that was not ours.
+        if last != start + txns:
+            raise NovaDRError(f"the scratch etcd reached revision {last} after {txns} txns from {start}: something "
+                              "else wrote to it while the history was applied (a lease expired?); the result is "
+                              "not the point's keyspace")
+        return {"puts": len(puts), "deletes": len(ops) - len(puts), "leases_granted": granted, "txns": txns}
     finally:
         gw.close()
 
