@@ -195,7 +195,6 @@ class Fold:
     base: int
     reached: int = 0
     state: dict[str, tuple[str, int, int] | None] = field(default_factory=dict)  # key: (value, lease, mod rev)
-    leases: set[int] = field(default_factory=set)
     in_base: dict[str, bool] = field(default_factory=dict)  # key: it existed before the first event seen
 
     def __post_init__(self):

@@ -72,10 +72,9 @@ def save_etcd_snapshot(run: Run, member: str, store: BackupStore, ts: str, db_si
     db = etcd_snapshot_name(c.nova_version, c.k8s_version, ts, packed=False)
     tmp = f"{m.paths.backup_dir}/.nova-dr-{ts}.db"
     try:
-        status = archive.save_snapshot_on_master(conn, m, tmp, db_size)
+        status, zstd = archive.save_snapshot_on_master(conn, m, tmp, db_size)
         name = db + ".tar.gz"
-        size, sha = archive.store_snapshot_archive(conn, tmp, db, store, name, db_size=db_size,
-                                                   zstd=status.pop("zstd", False))
+        size, sha = archive.store_snapshot_archive(conn, tmp, db, store, name, db_size=db_size, zstd=zstd)
     finally:
         archive.remove_temp_snapshot(conn, tmp)
     return {"name": name, "size": size, "sha256": sha, "kind": "etcd", "member": member, "status": status}

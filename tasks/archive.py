@@ -141,9 +141,10 @@ command -v zstd >/dev/null 2>&1 && echo zstd || echo none
 """
 
 
-def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str, db_size: int) -> dict:
+def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str, db_size: int) -> tuple[dict, bool]:
     """`etcdctl snapshot save` against this member alone, then `snapshot status` of the file.
-    Both etcdctl's own deadline and ours are sized from the member's db size (endpoint status)."""
+    Both etcdctl's own deadline and ours are sized from the member's db size (endpoint status).
+    Returns the status and whether the master has zstd (the archive's stream uses it)."""
     env = read_etcd_env(conn, master)
     folder = tmp_path.rsplit("/", 1)[0]
     free, zstd = (conn.run(["sh", "-c", SAVE_PROBE, "probe", folder]).stdout.split() + ["", ""])[:2]
@@ -156,7 +157,7 @@ def save_snapshot_on_master(conn: Connector, master: Master, tmp_path: str, db_s
     etcdctl(conn, master, env, "snapshot", "save", tmp_path, f"--command-timeout={bound}s", own=True,
             timeout=bound + 60)
     st = read_snapshot_status(conn, master, tmp_path, db_size)
-    return {**json.loads(st.model_dump_json()), "zstd": zstd == "zstd"}
+    return json.loads(st.model_dump_json()), zstd == "zstd"
 
 
 def store_snapshot_archive(conn: Connector, tmp_path: str, member_name: str, store: BackupStore,

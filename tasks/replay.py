@@ -66,8 +66,10 @@ class Gateway:
         self.conn.close()
 
 
-def leases(gw: Gateway) -> set[int]:
-    return {int(x["ID"]) for x in gw.call("/v3/lease/leases", {}).get("leases", [])}
+def leases(gw: Gateway) -> tuple[set[int], int]:
+    """The scratch etcd's lease IDs, and its revision as the same answer's header gives it."""
+    doc = gw.call("/v3/lease/leases", {})
+    return {int(x["ID"]) for x in doc.get("leases", [])}, int(doc["header"]["revision"])
 
 
 @contextmanager
@@ -76,7 +78,7 @@ def kept_alive(endpoint: str, every: float = 1.0) -> Iterator[set[int]]:
     `every` seconds until the block ends (a lease's TTL is at least etcd's minimum, 5 s or more)."""
     first = Gateway(endpoint)
     try:
-        ids = leases(first)
+        ids, _ = leases(first)
     finally:
         first.close()
     stop = threading.Event()
@@ -111,9 +113,7 @@ def apply_fold(endpoint: str, fold: Fold, lease_ttls: dict[int, int], alive: set
     gw = Gateway(endpoint)
     try:
         puts = fold.puts()
-        listed = gw.call("/v3/lease/leases", {})
-        have = {int(x["ID"]) for x in listed.get("leases", [])}
-        start = int(listed["header"]["revision"])
+        have, start = leases(gw)
         if start != fold.base:
             raise NovaDRError(f"the scratch etcd is at revision {start}, not the full snapshot's {fold.base}: something "
                               "wrote to it before the history was applied (a lease expired and took its keys: "
