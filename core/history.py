@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -103,33 +104,54 @@ def parse_segment_name(name: str) -> SegmentName | None:
 class Segment:
     revisions: list[Revision]
     lease_ttls: dict[int, int]  # the granted TTL of each lease first seen in it, as etcd said
+    unsigned: str | None = None  # why no trusted key vouches for it, when allow_unsigned let it through
 
 
-def encode_segment(revs: list[Revision], lease_ttls: dict[int, int] | None = None) -> tuple[str, bytes]:
-    """(name, gzip of a header line, then one JSON line per revision). Revisions consecutive."""
+def encode_segment(revs: list[Revision], lease_ttls: dict[int, int] | None = None, seal=None) -> tuple[str, bytes]:
+    """(name, gzip of a header line, one JSON line per revision, and a last line with the
+    sha256 of the lines before it and, with `seal(name, sha256) -> {signer, sig}`, their
+    signature). The last line also proves the segment whole: one cut short has none."""
     check_consecutive(revs, "segment")
+    name = segment_name(revs[0].rev, revs[-1].rev, revs[-1].at)
     head = json.dumps({"segment": 1, "leases": {str(k): v for k, v in sorted((lease_ttls or {}).items())}})
     lines = [head] + [json.dumps({"r": r.rev, "t": round(r.at, 3),
                                   "e": [[e.kind, e.key, e.value, e.lease, e.prev] for e in r.events]},
                                  separators=(",", ":")) for r in revs]
-    return segment_name(revs[0].rev, revs[-1].rev, revs[-1].at), gzip.compress(("\n".join(lines) + "\n").encode(), 6)
+    body = "".join(line + "\n" for line in lines)
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    trailer = {"end": revs[-1].rev, "sha256": digest, **(seal(name, digest) if seal else {})}
+    return name, gzip.compress((body + json.dumps(trailer) + "\n").encode(), 6)
 
 
-def decode_segment(name: str, data: bytes) -> Segment:
-    """A segment read back from a store, checked against its own name before it is used."""
+def decode_segment(name: str, data: bytes, problem=None, allow_unsigned: bool = False) -> Segment:
+    """A segment read back from a store, checked before it is used: against its own name, its
+    last line's digest, and (with `problem(name, sha256, last line) -> why not trusted | None`)
+    its signature, refused unless allow_unsigned."""
     parsed = parse_segment_name(name)
     if parsed is None:
         raise HistoryError(f"{name}: not a history segment's name")
+    plain = name.rsplit("/", 1)[-1].removesuffix(".age")
     try:
-        head, *body = map(json.loads, gzip.decompress(data).decode().splitlines())
+        *body, last = gzip.decompress(data).decode().splitlines(keepends=True)
+        trailer = json.loads(last)
+        if not isinstance(trailer, dict) or "end" not in trailer:
+            raise ValueError("no last line: the segment was cut short")
+        digest = hashlib.sha256("".join(body).encode()).hexdigest()
+        if trailer.get("sha256") != digest:
+            raise ValueError("its lines do not match the digest of its last line")
+        head, *revs_doc = map(json.loads, body)
         leases = {int(k): int(v) for k, v in head["leases"].items()}
-        revs = [Revision(int(d["r"]), float(d["t"]), tuple(_event(*e) for e in d["e"])) for d in body]
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as err:
+        revs = [Revision(int(d["r"]), float(d["t"]), tuple(_event(*e) for e in d["e"])) for d in revs_doc]
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise HistoryError(f"{name}: unreadable ({err}); the segment is damaged") from None
     if not revs or (revs[0].rev, revs[-1].rev) != (parsed.first, parsed.last):
         raise HistoryError(f"{name}: holds revisions other than its name says")
     check_consecutive(revs, name)
-    return Segment(revs, leases)
+    why = problem(plain, digest, trailer) if problem else None
+    if why and not allow_unsigned:
+        raise HistoryError(f"history segment {name}: {why}. Whoever can write to the store can make such a "
+                           "segment; if you know where it came from, pass allow_unsigned=true")
+    return Segment(revs, leases, why)
 
 
 def _event(kind, key, value, lease, prev) -> Event:
@@ -271,14 +293,14 @@ class Recorder:
         self.lease_ids.update(fresh)
         return revs, fresh
 
-    def cut(self, ttl_of=None) -> tuple[str, bytes, list[Revision]] | None:
+    def cut(self, ttl_of=None, seal=None) -> tuple[str, bytes, list[Revision]] | None:
         """The pending revisions as a segment (name, bytes, revisions), or None. `ttl_of(ids)`
         gives the granted TTL of leases first seen here ({id: ttl}; a lease already gone is left
         out, and its keys' deletions are in the history)."""
         revs, fresh = self.pop()
         if not revs:
             return None
-        name, data = encode_segment(revs, ttl_of(fresh) if ttl_of and fresh else {})
+        name, data = encode_segment(revs, ttl_of(fresh) if ttl_of and fresh else {}, seal)
         return name, data, revs
 
 
@@ -359,3 +381,25 @@ def _revision_at_point(bases, names, load, point: float) -> int:
                 best = max(best, inside)
             break
     return best
+
+
+def start_revision(segment_last: int | None, base_revisions: list[int], cluster_revision: int) -> int | None:
+    """Where a capture continues: after the store's newest segment, else after its newest full
+    snapshot; None when the store has neither (a full snapshot comes first). A history ahead of
+    the cluster is refused: it is another cluster's, or this one was restored without a
+    revision bump, and the two must not be woven into one timeline."""
+    start = segment_last if segment_last is not None else max(base_revisions, default=None)
+    if start is not None and start > cluster_revision:
+        raise HistoryError(f"the store's history reaches revision {start}, the cluster is at {cluster_revision}: it is "
+                           "another cluster's history, or this cluster was restored without a revision bump. Move "
+                           "its history segments (etcd-history_*) aside to another folder or prefix, then start "
+                           "again: the capture begins with a full snapshot")
+    return start
+
+
+def expired_segments(names: list[str], oldest_kept_set: float | None) -> list[str]:
+    """Segments that go with the sets retention deleted: every revision in them arrived before
+    the oldest set still kept was started, so no kept snapshot is older than they are."""
+    if oldest_kept_set is None:
+        return []  # no set left to continue: the history stays, for a person to decide
+    return [s.name for s in map(parse_segment_name, names) if s and s.newest_at < oldest_kept_set]

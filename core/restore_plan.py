@@ -29,7 +29,7 @@ FOLLOW_UPS = [
 def build_restore_plan(cluster: Cluster, facts: ClusterFacts, recovery_id: str, *, snapshot_name: str,
                        snapshot_sha256: str, bump_revision: int, delete_old_data: bool,
                        warnings: list[str] = (), contents: str | None = None,
-                       archive_member: str | None = None) -> Plan:
+                       archive_member: str | None = None, point: list[str] | None = None) -> Plan:
     members = [m.etcd_member for m in cluster.masters]
     first = members[0]
     steps: list[Step] = []
@@ -112,6 +112,8 @@ def build_restore_plan(cluster: Cluster, facts: ClusterFacts, recovery_id: str, 
     summary = (f"Restore every member of `{cluster.name}` from `{snapshot_name}` (sha256 {snapshot_sha256[:16]}...). "
                "**This rolls Kubernetes back to the snapshot's time.** Old data is moved into quarantine"
                + (", then DELETED after verification." if delete_old_data else ", not deleted.")
-               + (f"\n\nWhat the snapshot holds: {contents}." if contents else ""))
+               + (f"\n\nWhat the snapshot holds: {contents}." if contents else "")
+               + ("\n\nThe point in time, built on this machine from a full snapshot and the recorded history:\n"
+                  + "\n".join(f"- {line}" for line in point) if point else ""))
     return Plan(flow="restore-etcd-cluster", cluster=cluster.name, recovery_id=recovery_id, steps=tuple(steps),
                 warnings=tuple(warnings), summary=summary)

@@ -92,6 +92,41 @@ def sign(body: bytes, key) -> bytes:
     return json.dumps(doc, indent=1, sort_keys=True).encode()
 
 
+# A history segment is signed in the same way, under its own context: its plain name (which
+# says its revisions and time) and the sha256 of its lines, so no segment passes for another.
+SEGMENT_CONTEXT = b"nova-dr history segment v1\n"
+
+
+def seal_segment(key):
+    """What encode_segment's `seal` gives each segment's last line: the signer and signature."""
+
+    def seal(name: str, digest: str) -> dict:
+        msg = SEGMENT_CONTEXT + f"{name}\n{digest}".encode()
+        return {"signer": public_line(key), "sig": base64.b64encode(key.sign(msg)).decode()}
+
+    return seal
+
+
+def segment_problem(name: str, digest: str, trailer: dict, trusted: list[str]) -> str | None:
+    """None when a trusted key signed this segment (its name and digest); else why not."""
+    from cryptography.exceptions import InvalidSignature
+
+    signer, sig = trailer.get("signer"), trailer.get("sig")
+    if not signer or not sig:
+        return "it is unsigned"
+    try:
+        key = public_key(signer)
+    except NovaDRError:
+        return "its signer is not an Ed25519 public key"
+    if _raw(key) not in {_raw(public_key(t)) for t in trusted}:
+        return f"it is signed by {fingerprint(key)}, which is not one of the inventory's backup_signers"
+    try:
+        key.verify(base64.b64decode(str(sig), validate=True), SEGMENT_CONTEXT + f"{name}\n{digest}".encode())
+    except (InvalidSignature, ValueError):
+        return f"its signature by {fingerprint(key)} does not match: it was changed after signing"
+    return None
+
+
 @dataclass(frozen=True)
 class Opened:
     doc: dict
@@ -194,6 +229,9 @@ def check_doc(doc: dict, name: str) -> dict:
     snap = doc.get("etcd_snapshot", {})
     _need(isinstance(snap, dict) and isinstance(snap.get("status", {}), dict), name, "etcd_snapshot",
           "an object with a status object")
+    at = snap.get("saved_at")
+    _need(at is None or (isinstance(at, (int, float)) and not isinstance(at, bool)), name, "etcd_snapshot.saved_at",
+          "a unix time")
     rev = snap.get("status", {}).get("revision")
     _need(rev is None or (isinstance(rev, int) and not isinstance(rev, bool)), name, "etcd_snapshot.status.revision",
           "a whole number")

@@ -8,6 +8,7 @@ after a successful backup.
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta, timezone
 
 from prefect import flow, get_run_logger, task
@@ -18,6 +19,7 @@ from blocks.inventory import resolve_inventory
 from core.errors import NovaDRError, PreflightError
 from core.facts import ClusterFacts
 from core.inventory import Cluster
+from core.history import expired_segments
 from core.names import etcd_snapshot_name, manifest_name, node_archive_name, starvault_snapshot_name, timestamp
 from core.sets import ahead_note, expired, read_sets, retention_clock, spare_locked
 from core.settings import resolve_settings
@@ -73,11 +75,15 @@ def save_etcd_snapshot(run: Run, member: str, store: BackupStore, ts: str, db_si
     tmp = f"{m.paths.backup_dir}/.nova-dr-{ts}.db"
     try:
         status, zstd = archive.save_snapshot_on_master(conn, m, tmp, db_size)
+        # By this time the file's revision had been reached: a restore to a point in time may
+        # start from this snapshot for any point after it (the set's timestamp is earlier).
+        saved_at = round(time.time(), 3)
         name = db + ".tar.gz"
         size, sha = archive.store_snapshot_archive(conn, tmp, db, store, name, db_size=db_size, zstd=zstd)
     finally:
         archive.remove_temp_snapshot(conn, tmp)
-    return {"name": name, "size": size, "sha256": sha, "kind": "etcd", "member": member, "status": status}
+    return {"name": name, "size": size, "sha256": sha, "kind": "etcd", "member": member, "status": status,
+            "saved_at": saved_at}
 
 
 @task(name="archive-master-files", retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
@@ -121,7 +127,9 @@ def write_manifest(store: BackupStore, cluster: Cluster, ts: str, results: list[
     doc = {
         "format": 1, "created_by": "nova-dr backup-master-nodes", "timestamp": ts, "cluster": cluster.name,
         "nova_version": cluster.nova_version, "k8s_version": cluster.k8s_version, "settings": settings,
-        "etcd_snapshot": {"member": etcd["member"], "status": etcd["status"]},
+        # status: of the saved file (`snapshot status`), so its revision is the file's own, never
+        # one read beside it (gardener/etcd-backup-restore#1044)
+        "etcd_snapshot": {"member": etcd["member"], "status": etcd["status"], "saved_at": etcd["saved_at"]},
         "masters": [m.archive_name for m in cluster.masters],
         # sha256 is of what was stored (the ciphertext for .age files); plain_sha256 of what it decrypts to
         "files": {r["name"]: {"size": r["size"], "sha256": r["sha256"], "kind": r["kind"],
@@ -148,7 +156,11 @@ def apply_retention(store: BackupStore, cluster: Cluster, days: int, require_sta
     why += locked
     for name in doomed:
         store.delete(name)
-    return {"deleted": doomed, "kept": why, "left_alone": orphans, "clock": clock, "ahead": ahead_note(sets, now)}
+    kept = [s for s in sets if s.etcd not in doomed]
+    history = expired_segments([f.name for f in files], min((s.time.timestamp() for s in kept), default=None))
+    for name in history:
+        store.delete(name)
+    return {"deleted": doomed, "history_deleted": len(history), "kept": why, "left_alone": orphans, "clock": clock, "ahead": ahead_note(sets, now)}
 
 
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)

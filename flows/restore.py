@@ -38,6 +38,7 @@ from tasks.scratch import scratch_dir
 from tasks.storage import open_store
 
 FLOW_NAME = "restore-etcd-cluster"
+DEFAULT_BUMP = 1_000_000_000  # SPEC: about a week of writes at under 1,500/s
 
 
 # -- the actions the plan's steps name --------------------------------------------------
@@ -222,7 +223,20 @@ def make_plan(run: Run, facts: ClusterFacts) -> Plan:
                               snapshot_sha256=snap.sha256, bump_revision=run.data["bump_revision"],
                               archive_member=snap.archive_member,
                               delete_old_data=run.data["delete_old_data"], warnings=warnings,
+                              point=point_lines(run),
                               contents=contents.line(datetime.now(timezone.utc)) if contents else None)
+
+
+def point_lines(run: Run) -> list[str] | None:
+    built = run.data.get("point")
+    if built is None:
+        return None
+    lines = built.plan.lines(run.data["point_asked"])
+    if run.data["bump_revision"] != built.plan.bump:
+        lines[-1] = f"revision bump: +{run.data['bump_revision']} (as asked; the history would size it +{built.plan.bump})"
+    return lines + [f"built: {built.applied['puts']} keys written and {built.applied['deletes']} deleted in "
+                    f"{built.applied['txns']} txns, {built.applied['leases_granted']} leases granted; the point's "
+                    f"snapshot is at revision {built.revision}"]
 
 
 def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block: str | None,
@@ -246,17 +260,51 @@ def snapshot_from_store(store: str, backup: str, cluster, workdir: str, s3_block
     return str(Path(workdir) / "fetched" / fetched["files"][0]), "; ".join(warnings) or None
 
 
+def snapshot_of_point(cluster, store: str | None, backup: str | None, point: str | None, revision: int | None,
+                      workdir: str, s3_block: str | None, identity_block: str | None, allow_unsigned: bool):
+    """The snapshot of a point in time or a revision, built on this machine from the store's
+    last full snapshot before it and the history recorded since (tasks/point.py)."""
+    from tasks.point import build_point, parse_point
+
+    if not store:
+        raise NovaDRError("a restore to a point (point= or revision=) needs store=: the backup store whose sets "
+                          "and history (continuous-backup) reach it; nothing was changed")
+    if point and revision is not None:
+        raise NovaDRError("give point= or revision=, not both; nothing was changed")
+    if backup not in (None, "", "latest"):
+        raise NovaDRError(f"backup={backup!r} with a point: the point chooses the set (the last full snapshot "
+                          "before it); leave backup empty. Nothing was changed")
+    if revision is not None and revision <= 0:
+        raise NovaDRError(f"revision={revision}: give a revision etcd reached (a positive number)")
+    built = build_point(open_store(store, s3_block), cluster, Path(workdir) / "point", revision=revision,
+                        point=parse_point(point) if point else None, identity_block=identity_block,
+                        allow_unsigned=allow_unsigned)
+    return built.db, built
+
+
 def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow_version_mismatch: bool,
-            bump_revision: int, delete_old_data: bool, workdir: str, store: str | None = None,
+            bump_revision: int | None, delete_old_data: bool, workdir: str, store: str | None = None,
             backup: str | None = None, s3_block: str | None = None, identity_block: str | None = None,
-            allow_unsigned: bool = False, for_a_person: bool = True) -> Run:
+            allow_unsigned: bool = False, for_a_person: bool = True, point: str | None = None,
+            revision: int | None = None) -> Run:
     """Everything before the cluster is touched: inventory, snapshot checks, recovery id.
     `for_a_person`: someone reads the plan, so it shows what the snapshot holds."""
     cluster = resolve_inventory(inventory)
     if snapshot and store:
         raise NovaDRError("give either snapshot or store (+ backup), not both")
-    origin = None
-    if store:
+    if bump_revision is not None and bump_revision < 0:
+        raise NovaDRError(f"bump_revision={bump_revision}: give 0 (no bump) or a positive number")
+    origin, built, rid_key = None, None, None
+    if point or revision is not None:
+        snapshot, built = snapshot_of_point(cluster, store, backup, point, revision, workdir, s3_block,
+                                            identity_block, allow_unsigned)
+        origin = "; ".join(built.warnings) or None
+        if bump_revision is None:  # sized from the newest revision ever recorded, not a guess
+            bump_revision = built.plan.bump
+        # The point's snapshot is built again by a re-run, byte for byte another file: the
+        # recovery is keyed on what it restores (the base set and the revision), not its sha256.
+        rid_key = f"{built.plan.base}@{built.plan.target}"
+    elif store:
         snapshot, origin = snapshot_from_store(store, backup or "latest", cluster, workdir, s3_block, identity_block,
                                                allow_unsigned)
     elif snapshot and snapshot.endswith(".age"):  # an encrypted snapshot given as a file
@@ -275,15 +323,16 @@ def prepare(inventory: str, snapshot: str | None, recovery_id: str | None, allow
     if origin:
         print(f"warning: {origin}")  # the flow logs it (log_prints); `nova-dr plan` shows it
         snap.warnings.append(origin)
-    if bump_revision < 0:
-        raise NovaDRError(f"bump_revision={bump_revision}: give 0 (no bump) or a positive number")
-    rid = mc.derive_recovery_id(FLOW_NAME, cluster.name, snap.sha256, recovery_id)
+    if bump_revision is None:
+        bump_revision = DEFAULT_BUMP
+    rid = mc.derive_recovery_id(FLOW_NAME, cluster.name, rid_key or snap.sha256, recovery_id)
     # Read in a scratch etcd on this machine while the lock is taken and the preflight reads
     # the masters (seconds at 200 MB): the plan is the first to need it. Without the gate no
     # one reads the plan and nothing is decided from it, so it is not read at all: at 8 GB it
     # is a second full restore, on this machine's disk and cores, beside the real one.
     return Run(FLOW_NAME, cluster, rid, data={"snapshot": snap, "bump_revision": bump_revision,
-                                               "delete_old_data": delete_old_data,
+                                               "delete_old_data": delete_old_data, "point": built,
+                                               "point_asked": point or f"revision {revision}",
                                                "contents": in_background(read_contents, snap) if for_a_person
                                                else None})
 
@@ -344,7 +393,7 @@ def restore_etcd_cluster(
     recovery_id: str | None = None,
     allow_version_mismatch: bool = False,
     delete_old_data: bool = False,
-    bump_revision: int = 1_000_000_000,
+    bump_revision: int | None = None,
     approval_timeout_minutes: float = 60,
     wait_for_cluster_seconds: float = 120,
     healthy_timeout_seconds: float = 120,
@@ -355,6 +404,8 @@ def restore_etcd_cluster(
     force: bool = False,
     allow_unsigned: bool = False,
     approvals_required: int = 1,
+    point: str | None = None,
+    revision: int | None = None,
 ) -> dict:
     """Restore the whole etcd cluster from a snapshot (quorum lost, API down): the last resort.
 
@@ -365,7 +416,8 @@ def restore_etcd_cluster(
         recovery_id: resume that recovery (printed first by every run); empty derives one from the snapshot
         allow_version_mismatch: restore a snapshot made by another Nova x.y.Z (may break platform services)
         delete_old_data: delete the old data dirs after verification instead of keeping them in quarantine
-        bump_revision: revisions to add with --mark-compacted, where the etcd binary supports it (0 never bumps)
+        bump_revision: revisions to add with --mark-compacted, where the etcd binary supports it (0 never bumps;
+            empty: 1,000,000,000, or for a point, the newest revision the history recorded plus 1,000,000)
         approval_timeout_minutes: how long the gate waits before the run ends with nothing changed
         wait_for_cluster_seconds: how long to wait while another recovery holds this cluster
         healthy_timeout_seconds: how long the members may take to answer healthy after the start, plus 1 s per 50 MB of snapshot
@@ -377,11 +429,15 @@ def restore_etcd_cluster(
         allow_unsigned: with store: accept a set that no key in the inventory's backup_signers signed, or
             one with no manifest (the platform's daemon's); the plan shows it as a warning
         approvals_required: how many different people must approve the plan, one after another (1 to 3)
+        point: with store: restore the cluster as it was at this time, e.g. 2026-12-02T10:15:30Z (needs the
+            history continuous-backup records; the plan shows the revision reached)
+        revision: with store: restore the cluster as it was at this etcd revision (instead of point)
     """
     log = get_run_logger()
     with scratch_dir("nova-dr-snap-", mc.state_dir()) as tmp:
         run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, bump_revision, delete_old_data, tmp,
-                      store, backup, s3_block, identity_block, allow_unsigned, for_a_person=not auto_approve)
+                      store, backup, s3_block, identity_block, allow_unsigned, for_a_person=not auto_approve,
+                      point=point, revision=revision)
         # Longer for a large snapshot: etcd indexes all of it at start.
         run.data["healthy_timeout"] = start_timeout(run.data["snapshot"].size, healthy_timeout_seconds)
         run.data["auto_approve"] = auto_approve
@@ -450,15 +506,17 @@ def render_report(run: Run, plan: Plan, before: ClusterFacts, results: dict, app
 
 
 def plan_restore(inventory: str, snapshot: str | None = None, recovery_id: str | None = None,
-                 allow_version_mismatch: bool = False, bump_revision: int = 1_000_000_000,
+                 allow_version_mismatch: bool = False, bump_revision: int | None = None,
                  delete_old_data: bool = False, store: str | None = None, backup: str | None = None,
                  s3_block: str | None = None, identity_block: str | None = None, allow_unsigned: bool = False,
-                 **_ignored) -> Plan:
+                 point: str | None = None, revision: int | None = None, **_ignored) -> Plan:
     """`nova-dr plan restore-etcd-cluster`: preflight and plan, nothing touched."""
     with scratch_dir("nova-dr-plan-", mc.state_dir()) as tmp:
-        run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch, int(bump_revision),
+        run = prepare(inventory, snapshot, recovery_id, allow_version_mismatch,
+                      None if bump_revision in (None, "") else int(bump_revision),
                       delete_old_data in (True, "true", "1", "yes"), tmp, store, backup, s3_block, identity_block,
-                      allow_unsigned in (True, "true", "1", "yes"))
+                      allow_unsigned in (True, "true", "1", "yes"), point=point,
+                      revision=None if revision in (None, "") else int(revision))
         try:
             facts = mc.gather_facts(run)
             mc.refuse_mismatched(facts)

@@ -48,11 +48,12 @@ def lease_ttls(conn: Connector, master: Master, env: dict[str, str]) -> Callable
 
 
 def capture(conn: Connector, master: Master, env: dict[str, str], rec: Recorder, write: Write,
-            stop: threading.Event, ttl_of: Callable[[list[int]], dict[int, int]] | None = None) -> None:
+            stop: threading.Event, ttl_of: Callable[[list[int]], dict[int, int]] | None = None, seal=None) -> None:
     """Watch from rec.last + 1 until `stop` is set (raises Stopped), the watch ends (raises
     NovaDRError: the member went away; the caller resumes from rec.last on another), or the
     history breaks (raises HistoryError: a gap, which the caller must answer with a full
-    snapshot). Whatever was received before any of these is written first."""
+    snapshot). Whatever was received before any of these is written first. `seal`: signs each
+    segment (core.signing.seal_segment)."""
     lock = threading.Lock()
     failure: list[BaseException] = []
     partial = b""
@@ -64,7 +65,7 @@ def capture(conn: Connector, master: Master, env: dict[str, str], rec: Recorder,
             revs, fresh = rec.pop()
         # Outside the lock: the TTL look-ups and the store's write must not hold up the reading.
         # One thread flushes at a time (the flusher, then the last flush after it ends), in order.
-        name, data = encode_segment(revs, ttl_of(fresh) if ttl_of and fresh else {})
+        name, data = encode_segment(revs, ttl_of(fresh) if ttl_of and fresh else {}, seal)
         write(name, data, revs)
 
     def sink(chunk: bytes) -> None:
@@ -99,7 +100,8 @@ def capture(conn: Connector, master: Master, env: dict[str, str], rec: Recorder,
     t = threading.Thread(target=flusher, daemon=True, name="capture-flush")
     t.start()
     prefix, secrets = etcdctl_command(env, [master.client_url])
-    argv = [*prefix, master.paths.etcdctl, "watch", "--prefix", "", f"--rev={rec.last + 1}", "--prev-kv", "-w", "json"]
+    argv = [*prefix, master.paths.etcdctl, "watch", "--prefix", "", f"--rev={rec.last + 1}", "--prev-kv",
+            "--progress-notify", "-w", "json"]
     try:
         conn.stream(argv, _Sink(sink), timeout=365 * 86400, stdin=secrets or None)
         ended = "the watch ended"

@@ -180,10 +180,12 @@ class EncryptingStore:
         return self.inner.retention_of(name)
 
     def put(self, name: str, write: Writer, mode: int = 0o600) -> tuple[int, str]:
+        from core.history import parse_segment_name
         from core.names import parse_name
 
         p = parse_name(name)
-        if p is None or p.kind not in self.kinds:
+        kind = p.kind if p else "history" if parse_segment_name(name) else None
+        if kind not in self.kinds:
             return self.inner.put(name, write, mode)
         info: dict = {}
         size, sha = self.inner.put(name + ".age", encrypted_writer(write, self.recipients, info), mode)
