@@ -61,3 +61,18 @@ def summary_line(set_ts: str, checks: list[Check]) -> str:
         return f"backup set {set_ts}: " + "; ".join(f"{c.name} failed: {c.evidence}" for c in failed)
     warned = [c.name for c in checks if c.status == "warn"]
     return f"backup set {set_ts}: every check passed" + (f" (warnings: {', '.join(warned)})" if warned else "")
+
+
+def keyspace_digest(get_json: str) -> tuple[str, int]:
+    """(sha256, key count) of a keyspace as `etcdctl get -w json` prints it: every key with its
+    value and lease, in key order. Two keyspaces with one digest hold the same keys and values
+    (mod revisions differ by design: a rebuilt point writes its keys in fewer revisions)."""
+    import hashlib
+    import json
+
+    kvs = sorted((kv["key"], kv.get("value", ""), int(kv.get("lease", 0)))
+                 for kv in json.loads(get_json).get("kvs") or [])
+    h = hashlib.sha256()
+    for k, v, lease in kvs:
+        h.update(f"{k} {v} {lease}\n".encode())
+    return h.hexdigest(), len(kvs)

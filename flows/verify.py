@@ -16,6 +16,7 @@ from blocks.inventory import resolve_inventory
 from core.errors import NovaDRError
 from core.etcd import revision_after_restore
 from core.fleet import verify_key
+from core.history import parse_segment_name
 from core.inventory import Cluster
 from core.pki import parse_pki_listing, select_pki_files
 from core.sets import BackupSet, ahead_note, choose_set, dated_ahead, read_sets
@@ -160,6 +161,7 @@ def verify_backups(
     INCLUDE_STARVAULT_DB_BACKUP: bool | None = None,
     identity_block: str | None = None,
     allow_unsigned: bool = False,
+    point_drill: bool = True,
 ) -> dict:
     """Check the newest (or the named) backup set: fresh, complete, intact, the cluster's
     version, enough unseal tokens, no CA key, certificates not about to expire, and an etcd
@@ -176,6 +178,8 @@ def verify_backups(
         identity_block: a Nova Backup Age Identity block, to open an encrypted set
         allow_unsigned: check a set that no key in the inventory's backup_signers signed (or one with no
             manifest) instead of failing on it; the report shows it as a warning
+        point_drill: where the store holds history (continuous-backup), rebuild a random recorded revision
+            in a scratch etcd and compare it with what the cluster itself held at that revision
     """
     log = get_run_logger()
     cluster = resolve_inventory(inventory)
@@ -231,6 +235,10 @@ def verify_backups(
             checks += drill
         except NovaDRError as err:
             checks.append(Check("restore drill", "fail", str(err)[:600]))
+        if point_drill and any(parse_segment_name(f.name) for f in st.list()):
+            from flows.verify_point import point_in_time_drill
+
+            checks.append(point_in_time_drill(cluster, st, folder / "point", identity_block, allow_unsigned))
     return finish(st, chosen, checks, log, cluster, drill_seconds)
 
 

@@ -163,3 +163,26 @@ def test_a_point_past_a_gap_is_refused_naming_it():
     # A full snapshot after the gap makes the later history reachable again.
     later = bases + [("2026-12-02_050000", 250, 1250.0)]
     assert plan_point(later, names, revs.__getitem__, revision=300).base_revision == 250
+
+
+def test_a_point_drill_picks_a_revision_the_cluster_still_holds():
+    import random
+
+    from flows.verify_point import pick_revision
+
+    rng = random.Random(7)
+    for _ in range(50):  # etcd compacted everything below 900: the pick ends above it, in range
+        r = pick_revision(100, 1000, lambda rev: rev < 900, rng)
+        assert r is not None and 900 <= r <= 1000
+    assert pick_revision(100, 1000, lambda rev: True, rng) is None  # all compacted: nothing to compare
+
+
+def test_a_keyspace_digest_is_of_keys_values_and_leases_not_revisions():
+    from core.verify import keyspace_digest
+
+    a = '{"kvs":[{"key":"YQ==","value":"MQ==","mod_revision":5},{"key":"Yg==","value":"Mg==","lease":7}]}'
+    b = '{"kvs":[{"key":"Yg==","value":"Mg==","lease":7,"mod_revision":9},{"key":"YQ==","value":"MQ=="}]}'
+    assert keyspace_digest(a) == keyspace_digest(b) and keyspace_digest(a)[1] == 2
+    assert keyspace_digest(a) != keyspace_digest(b.replace('"lease":7', '"lease":8'))
+    assert keyspace_digest(a) != keyspace_digest(a.replace("MQ==", "Mw=="))
+    assert keyspace_digest("{}") == keyspace_digest('{"kvs":[]}')
