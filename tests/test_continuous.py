@@ -70,6 +70,12 @@ def _recorded(store: Path) -> list[int]:
     return out
 
 
+def _signing_key_file() -> Path:
+    from tests.helpers import ROOT
+
+    return ROOT / "signing" / "id_ed25519"  # the session's key, that helpers.signer() made
+
+
 def _wait_for(cond, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -183,6 +189,26 @@ def test_continuous_backup_survives_kills_restarts_and_compaction_and_restores_e
 
     with pytest.raises(HistoryError, match=f"revision {lost_from} is missing"):
         build_point(st, cluster, tmp_path / "gap", revision=lost_from + 1)
+
+    # A full snapshot whose manifest names another revision than its file holds is refused
+    # before any history is applied to it: its real revision higher (gardener/etcd-backup-
+    # restore#1044, here a revision the history then lacks), or lower (events applied twice).
+    import shutil
+
+    from core.errors import SnapshotError
+    from core.signing import private_key, sign
+
+    key = private_key(_signing_key_file().read_text(), None, "test")
+    for shift, refusal in ((-1, f"revision {base} is missing"), (+1, f"holds revision {base}, its manifest says")):
+        forged = tmp_path / f"forged{shift}"
+        shutil.copytree(store, forged)
+        m = sorted(forged.glob("nova-dr-manifest_*.json"))[0]
+        body = json.loads(json.loads(m.read_text())["manifest"])
+        body["etcd_snapshot"]["status"]["revision"] = base + shift
+        m.write_bytes(sign(json.dumps(body).encode(), key))
+        with pytest.raises((HistoryError, SnapshotError), match=refusal):
+            build_point(open_store(str(forged)), cluster, tmp_path / f"forged-point{shift}",
+                        revision=points["a point in time"])
 
     # The whole cluster, back to that second.
     from datetime import datetime, timezone

@@ -161,3 +161,27 @@ def test_unencrypted_backups_warn_every_time(lab3, tmp_path, monkeypatch):
     assert checks["encryption"]["status"] == "warn" and "unencrypted" in checks["encryption"]["evidence"]
     err = error_of(backup_master_nodes(inventory=inv, store=str(store), recipients=["age1notakey"], return_state=True))
     assert "not an age X25519 public key" in err
+
+
+def test_history_segments_are_stored_encrypted_and_read_back_checked(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from core.errors import NovaDRError
+    from core.history import encode_segment, parse_watch
+    from core.signing import public_line, seal_segment
+    from tasks.crypto import EncryptingStore, recipients_from
+    from tasks.history_store import HistoryStore
+    from tasks.storage import DirectoryStore
+
+    pub, _ = keypair("nova-dr-test-history")
+    key = Ed25519PrivateKey.generate()
+    revs = list(parse_watch((Path(__file__).parent / "captured" / "watch_json.txt").read_text().strip(), 1.0).revisions)
+    name, data = encode_segment(revs, {}, seal_segment(key))
+    HistoryStore(EncryptingStore(DirectoryStore(tmp_path), recipients_from([pub]), {"history"}), []).write(name, data)
+    stored = tmp_path / (name + ".age")
+    assert os.listdir(tmp_path) == [stored.name] and stored.stat().st_mode & 0o777 == 0o600
+    assert stored.read_bytes().startswith(b"age-encryption.org/v1")
+    reader = HistoryStore(DirectoryStore(tmp_path), [public_line(key)], identity_block="nova-dr-test-history")
+    assert reader.names() == [stored.name] and reader.load(stored.name).revisions == revs
+    with pytest.raises(NovaDRError, match="pass identity_block"):
+        HistoryStore(DirectoryStore(tmp_path), [public_line(key)]).load(stored.name)

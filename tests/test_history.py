@@ -186,3 +186,92 @@ def test_a_keyspace_digest_is_of_keys_values_and_leases_not_revisions():
     assert keyspace_digest(a) != keyspace_digest(b.replace('"lease":7', '"lease":8'))
     assert keyspace_digest(a) != keyspace_digest(a.replace("MQ==", "Mw=="))
     assert keyspace_digest("{}") == keyspace_digest('{"kvs":[]}')
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from core.signing import public_line
+
+    k = Ed25519PrivateKey.generate()
+    return k, public_line(k)
+
+
+def test_a_segment_is_signed_over_its_name_and_lines_and_refused_when_anything_differs():
+    from core.signing import seal_segment, segment_problem
+
+    key, trusted = _key()
+    other, stranger = _key()
+    revs = list(parse_watch(captured(), at=100.0).revisions)
+    name, data = encode_segment(revs, {}, seal_segment(key))
+    check = lambda trust: (lambda n, d, t: segment_problem(n, d, t, trust))  # noqa: E731
+    assert decode_segment(name, data, check([trusted])).unsigned is None
+    assert decode_segment(name + ".age", data, check([trusted])).revisions == revs  # the plain name is what is signed
+    with pytest.raises(HistoryError, match="not one of the inventory's backup_signers"):
+        decode_segment(name, data, check([stranger]))
+    # Another segment's signature does not pass for this one: the name is signed too.
+    later = segment_name(revs[0].rev, revs[-1].rev, revs[-1].at + 60)
+    with pytest.raises(HistoryError, match="does not match"):
+        decode_segment(later, data, check([trusted]))
+    # Lines changed and the digest recomputed: the signature no longer matches.
+    text = gzip.decompress(data).decode()
+    *body, last = text.splitlines(keepends=True)
+    import hashlib
+    import json
+
+    forged_body = "".join(body).replace(b64("3"), b64("9"))
+    trailer = json.loads(last)
+    trailer["sha256"] = hashlib.sha256(forged_body.encode()).hexdigest()
+    forged = gzip.compress((forged_body + json.dumps(trailer) + "\n").encode())
+    with pytest.raises(HistoryError, match="does not match: it was changed after signing"):
+        decode_segment(name, forged, check([trusted]))
+    # Unsigned: refused unless the operator accepts it, and then said.
+    name2, plain = encode_segment(revs, {})
+    with pytest.raises(HistoryError, match="it is unsigned.*allow_unsigned=true"):
+        decode_segment(name2, plain, check([trusted]))
+    assert decode_segment(name2, plain, check([trusted]), allow_unsigned=True).unsigned == "it is unsigned"
+
+
+def test_a_segment_cut_short_or_damaged_is_refused():
+    revs = list(parse_watch(captured(), at=100.0).revisions)
+    name, data = encode_segment(revs, {})
+    text = gzip.decompress(data).decode()
+    cut = gzip.compress("".join(text.splitlines(keepends=True)[:-1]).encode())  # the last line lost
+    with pytest.raises(HistoryError, match="damaged"):
+        decode_segment(name, cut)
+    changed = gzip.compress(text.replace(b64("3"), b64("9")).encode())  # the digest no longer matches
+    with pytest.raises(HistoryError, match="do not match the digest"):
+        decode_segment(name, changed)
+    with pytest.raises(HistoryError, match="damaged"):
+        decode_segment(name, data[: len(data) // 2])
+
+
+def test_where_a_capture_starts_and_when_it_refuses():
+    from core.history import start_revision
+
+    assert start_revision(120, [100, 50], 500) == 120  # after the newest segment
+    assert start_revision(None, [100, 50], 500) == 100  # else after the newest full snapshot
+    assert start_revision(None, [], 500) is None  # neither: a full snapshot first
+    with pytest.raises(HistoryError, match="the cluster is at 90: it is another cluster's history"):
+        start_revision(120, [100], 90)
+
+
+def test_segments_go_with_the_sets_retention_deleted():
+    from core.history import expired_segments
+
+    old = segment_name(10, 20, 1000.0)
+    new = segment_name(21, 30, 3000.0)
+    assert expired_segments([old, new, "nova-dr-manifest_x.json"], 2000.0) == [old]
+    assert expired_segments([old + ".age", new], 2000.0) == [old + ".age"]
+    assert expired_segments([old, new], None) == []  # no set kept: nothing is decided for the person
+
+
+def test_a_point_in_time_is_read_with_its_zone_or_refused():
+    from core.errors import NovaDRError
+    from tasks.point import parse_point
+
+    assert parse_point("2026-12-02T10:15:30Z") == parse_point("2026-12-02T13:15:30+03:00") == 1796206530.0
+    with pytest.raises(NovaDRError, match="give its zone"):
+        parse_point("2026-12-02T10:15:30")
+    with pytest.raises(NovaDRError, match="not a time"):
+        parse_point("yesterday")
