@@ -232,6 +232,9 @@ def check_doc(doc: dict, name: str) -> dict:
     at = snap.get("saved_at")
     _need(at is None or (isinstance(at, (int, float)) and not isinstance(at, bool)), name, "etcd_snapshot.saved_at",
           "a unix time")
+    hist = snap.get("history_revision")
+    _need(hist is None or (isinstance(hist, int) and not isinstance(hist, bool)), name,
+          "etcd_snapshot.history_revision", "a whole number")
     rev = snap.get("status", {}).get("revision")
     _need(rev is None or (isinstance(rev, int) and not isinstance(rev, bool)), name, "etcd_snapshot.status.revision",
           "a whole number")

@@ -28,6 +28,8 @@ SPECS = [
     # Hourly runs of 61 minutes: one that dies is replaced within the hour, and the hand-off
     # overlaps (segments are resolved by revision) instead of leaving a minute unrecorded.
     Spec("continuous-backup", "continuous", "0 * * * *", needs_store=True, tags=("backup", "history")),
+    # Every 6 hours, off the hour: a restore to a point replays at most that much history.
+    Spec("compact-history", "every-6h", "20 */6 * * *", needs_store=True, tags=("backup", "history")),
     Spec("verify-backups", "daily-verify", "30 5 * * *", needs_store=True, tags=("backup", "verify")),
     Spec("restore-etcd-cluster", "on-demand", tags=("recovery",)),
     Spec("replace-etcd-member", "on-demand", tags=("recovery",)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flows.backup import backup_master_nodes
+from flows.compact import compact_history
 from flows.continuous import continuous_backup
 from flows.cronjob import install_cronjob_backup
 from flows.files import restore_files_kopia, restore_files_velero
@@ -16,6 +17,7 @@ from flows.verify import verify_backups
 FLOWS = {
     "backup-master-nodes": backup_master_nodes,
     "continuous-backup": continuous_backup,
+    "compact-history": compact_history,
     "restore-etcd-cluster": restore_etcd_cluster,
     "replace-etcd-member": replace_etcd_member,
     "restart-etcd-member": restart_etcd_member,

@@ -20,12 +20,19 @@ from tasks.storage import BackupStore
 
 @dataclass(frozen=True)
 class Base:
-    """A full snapshot a history can start from: its set, its file's revision, and the time by
-    which that revision had been reached (None: a set written before nova-dr recorded it)."""
+    """A full snapshot a history can start from: its set, the revision of the history whose
+    keyspace it holds, the time by which that revision had been reached (None: a set written
+    before nova-dr recorded it), and its file's own revision. The two revisions differ for a
+    snapshot compact-history folded: its history was replayed in fewer txns than revisions."""
 
     set: BackupSet
     revision: int
     at: float | None
+    file_revision: int = 0
+
+    def __post_init__(self):
+        if not self.file_revision:
+            object.__setattr__(self, "file_revision", self.revision)
 
 
 class HistoryStore:
@@ -71,7 +78,7 @@ def full_snapshots(store: BackupStore, trusted: list[str], allow_unsigned: bool 
     why each other set was left out."""
     sets, _ = read_sets(store.list())
     out, left = [], []
-    for s in reversed(sets):
+    for s in reversed(sets):  # oldest first
         try:
             opened = read_manifest(store, s, trusted)
         except NovaDRError as err:
@@ -85,5 +92,5 @@ def full_snapshots(store: BackupStore, trusted: list[str], allow_unsigned: bool 
         if not rev:
             left.append(f"{s.ts}: its manifest records no snapshot revision")
             continue
-        out.append(Base(s, rev, snap.get("saved_at")))
+        out.append(Base(s, snap.get("history_revision") or rev, snap.get("saved_at"), rev))
     return out, left

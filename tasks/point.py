@@ -85,14 +85,14 @@ def build_point(st: BackupStore, cluster, workdir: str | Path, revision: int | N
     out.parent.mkdir(mode=0o700)
     bins = find_etcd_bins()
     with scratch_etcd(snap.db_path, bins) as drill:
-        if drill["status"].revision != plan.base_revision:  # gardener/etcd-backup-restore#1044
+        if drill["status"].revision != base.file_revision:  # gardener/etcd-backup-restore#1044
             raise SnapshotError(f"backup set {base.set.ts}: its snapshot holds revision {drill['status'].revision}, "
-                                f"its manifest says {plan.base_revision}; its history cannot be applied to it. "
+                                f"its manifest says {base.file_revision}; its history cannot be applied to it. "
                                 "Nothing was changed")
         # Leases are kept alive from before the first write until the point's snapshot is
         # saved: none may expire in between and take its keys (gardener/etcd-backup-restore#1046).
         with kept_alive(drill["endpoint"]) as alive:
-            applied = apply_fold(drill["endpoint"], fold, ttls, alive)
+            applied = apply_fold(drill["endpoint"], fold, ttls, alive, base.file_revision)
             res = subprocess.run([str(bins / "etcdctl"), "snapshot", "save", str(out)], env=drill["env"],
                                  capture_output=True, text=True, timeout=3600)
         if res.returncode != 0:
@@ -101,5 +101,5 @@ def build_point(st: BackupStore, cluster, workdir: str | Path, revision: int | N
     # The built snapshot's revision is below the point's (one per txn, not per revision
     # replayed): the bump is sized from it, so the restored store starts above everything
     # any client saw.
-    built = plan.base_revision + applied["txns"]
+    built = base.file_revision + applied["txns"]
     return BuiltPoint(str(out), replace(plan, bump=bump_after(plan.newest, built)), at, applied, built, warnings)

@@ -107,15 +107,19 @@ def kept_alive(endpoint: str, every: float = 1.0) -> Iterator[set[int]]:
         raise NovaDRError(f"leases could not be kept alive while the history was applied: {failed[0]}")
 
 
-def apply_fold(endpoint: str, fold: Fold, lease_ttls: dict[int, int], alive: set[int]) -> dict:
+def apply_fold(endpoint: str, fold: Fold, lease_ttls: dict[int, int], alive: set[int],
+               start_revision: int | None = None) -> dict:
     """Put and delete what the fold says, in txns of TXN_OPS, granting the leases the scratch
-    etcd lacks first. `alive`: the set kept_alive renews (granted leases are added to it)."""
+    etcd lacks first. `alive`: the set kept_alive renews (granted leases are added to it).
+    `start_revision`: the scratch etcd's revision before (default the fold's base; a folded
+    snapshot's file is at a lower revision than the history it holds)."""
     gw = Gateway(endpoint)
     try:
         puts = fold.puts()
         have, start = leases(gw)
-        if start != fold.base:
-            raise NovaDRError(f"the scratch etcd is at revision {start}, not the full snapshot's {fold.base}: something "
+        want = fold.base if start_revision is None else start_revision
+        if start != want:
+            raise NovaDRError(f"the scratch etcd is at revision {start}, not the full snapshot's {want}: something "
                               "wrote to it before the history was applied (a lease expired and took its keys: "
                               "gardener/etcd-backup-restore#1045); nothing was applied")
         granted = 0

@@ -158,10 +158,26 @@ def test_continuous_backup_survives_kills_restarts_and_compaction_and_restores_e
         assert checks["point-in-time drill"]["status"] == "pass", checks["point-in-time drill"]
         assert "the same" in checks["point-in-time drill"]["evidence"]
 
+        # compact-history folds the full snapshot and its history into a set of its own,
+        # which the next capture's history continues.
+        from flows.compact import compact_history
+
+        folded = compact_history(inventory=inv, store=str(store), min_revisions=1)
+        assert folded["folded"] and folded["history_revision"] == max(_recorded(store)), folded
+        assert folded["file_revision"] < folded["history_revision"]  # fewer txns than revisions replayed
+        points["the folded snapshot"] = folded["history_revision"]
+        t, out = _run_in_thread(**common, run_minutes=0.25)
+        _wait_for(lambda: max(_recorded(store)) > folded["history_revision"] + 20, 60, "no history after the fold")
+        points["after the fold"] = revision(lab)
+        t.join(120)
+        assert max(_recorded(store)) >= points["after the fold"]
+        expected = {p: keyspace(lab.etcdctl("get", "", "--prefix", "-w", "json", f"--rev={r}").stdout)
+                    for p, r in points.items()}
+
         # 3. A compaction overtakes the history while no capture runs: the next run says it is
         # a gap, counts it, takes a full snapshot and goes on from there.
         time.sleep(1)
-        lost_from = max(recorded) + 1
+        lost_from = max(_recorded(store)) + 1
         time.sleep(1)
         lab.etcdctl("compact", str(revision(lab)))
         t, out = _run_in_thread(**common, run_minutes=0.3)
@@ -169,7 +185,7 @@ def test_continuous_backup_survives_kills_restarts_and_compaction_and_restores_e
         result = out[0].result()
         assert result["gaps"] == 1 and result["full_snapshots"] == 1, result
         assert "compacted its history" in result["gap_reports"][0]
-        assert len(list(store.glob("nova-dr-manifest_*.json"))) == 2
+        assert len(list(store.glob("nova-dr-manifest_*.json"))) == 3
     finally:
         writer.halt()
 
@@ -179,7 +195,8 @@ def test_continuous_backup_survives_kills_restarts_and_compaction_and_restores_e
     bins = find_etcd_bins(None)
     for i, (p, r) in enumerate(points.items()):
         built = build_point(st, cluster, tmp_path / f"point-{i}", revision=r)
-        assert built.plan.target == r and built.plan.base_revision == base
+        assert built.plan.target == r
+        assert built.plan.base_revision == (folded["history_revision"] if r >= folded["history_revision"] else base), p
         with scratch_etcd(built.db, bins) as drill:
             got = subprocess.run([str(bins / "etcdctl"), "get", "", "--prefix", "-w", "json"], env=drill["env"],
                                  capture_output=True, text=True, check=True).stdout
