@@ -281,9 +281,13 @@ class Recorder:
             self.pending_bytes += sum(len(e.key) + len(e.value) + 40 for e in r.events)
             self.last = r.rev
 
-    def due(self, now: float) -> bool:
+    def due(self, now: float, lead: float = 0.0) -> bool:
+        """A segment is due once its oldest revision would otherwise be stored later than
+        flush_seconds after it arrived: `lead` is how long cutting and storing one takes (the
+        last store's time, plus how often the capture looks), so the store's newest revision
+        is never older than flush_seconds."""
         return bool(self.pending) and (self.pending_bytes >= self.flush_bytes
-                                       or now - self.pending[0].at >= self.flush_seconds)
+                                       or now - self.pending[0].at >= max(0.0, self.flush_seconds - lead))
 
     def pop(self) -> tuple[list[Revision], list[int]]:
         """The pending revisions, and the lease IDs first seen in them (whose TTL the segment

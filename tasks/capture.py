@@ -23,6 +23,7 @@ from tasks.etcd import etcdctl
 from tasks.remote import Connector
 
 Write = Callable[[str, bytes, list], None]  # (name, data, revisions)
+TICK = 0.25  # how often the flusher looks whether a segment is due
 
 
 class Stopped(Exception):
@@ -58,15 +59,19 @@ def capture(conn: Connector, master: Master, env: dict[str, str], rec: Recorder,
     failure: list[BaseException] = []
     partial = b""
 
+    took = [0.0]  # how long the last segment took to cut and store
+
     def flush(force: bool = False) -> None:
         with lock:
-            if not (force and rec.pending) and not rec.due(time.time()):
+            if not (force and rec.pending) and not rec.due(time.time(), took[0] + TICK):
                 return
             revs, fresh = rec.pop()
         # Outside the lock: the TTL look-ups and the store's write must not hold up the reading.
         # One thread flushes at a time (the flusher, then the last flush after it ends), in order.
+        began = time.monotonic()
         name, data = encode_segment(revs, ttl_of(fresh) if ttl_of and fresh else {}, seal)
         write(name, data, revs)
+        took[0] = min(time.monotonic() - began, rec.flush_seconds / 2)  # a stalled store must not flush constantly
 
     def sink(chunk: bytes) -> None:
         nonlocal partial
@@ -85,7 +90,7 @@ def capture(conn: Connector, master: Master, env: dict[str, str], rec: Recorder,
 
     def flusher() -> None:  # cuts on time even when no new event arrives to wake the sink
         while not done.is_set():
-            flush_now.wait(0.5)
+            flush_now.wait(TICK)
             flush_now.clear()
             if stop.is_set():
                 conn.close()  # the capture's own connection: the watch ends now, not at its next event

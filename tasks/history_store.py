@@ -50,8 +50,8 @@ class HistoryStore:
         self.store.put(name, lambda out: out.write(data), mode=0o600)
 
     def load(self, name: str) -> Segment:
-        """A stored segment, decrypted and checked (name, digest, signature); kept once read."""
-        if name in self._loaded:
+        """A stored segment, decrypted and checked (name, digest, signature)."""
+        if name in self._loaded:  # the one read last: a point's segment is read to plan, then to fold
             return self._loaded[name]
         with tempfile.TemporaryDirectory(prefix="nova-dr-seg-") as tmp:
             path = Path(tmp) / name
@@ -65,7 +65,7 @@ class HistoryStore:
                 path = Path(tmp) / plain_name(name)
             data = path.read_bytes()
         seg = decode_segment(name, data, lambda n, d, t: segment_problem(n, d, t, self.trusted), self.allow_unsigned)
-        self._loaded[name] = seg
+        self._loaded = {name: seg}  # never the whole history: an hour of it is millions of revisions
         return seg
 
     def revisions(self, name: str) -> list[Revision]:
