@@ -78,7 +78,12 @@ def full_snapshot(inventory: str, store: str, s3_block: str | None, backup_param
     """A backup-master-nodes run (a subflow of this one); the revision of its snapshot file."""
     from flows.backup import backup_master_nodes
 
-    out = backup_master_nodes(inventory=inventory, store=store, s3_block=s3_block, **(backup_parameters or {}))
+    try:
+        out = backup_master_nodes(inventory=inventory, store=store, s3_block=s3_block, **(backup_parameters or {}))
+    except Exception as err:
+        raise NovaDRError(f"the history needs a full snapshot to continue from, and backup-master-nodes failed: {err}. "
+                          "Give it what the nightly backup is given in backup_parameters (e.g. starvault_block); "
+                          "the next run tries again") from None
     etcd = next(f for f in out["files"] if f["kind"] == "etcd")
     return int(etcd["status"]["revision"])
 

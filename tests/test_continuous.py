@@ -247,3 +247,47 @@ def test_continuous_backup_survives_kills_restarts_and_compaction_and_restores_e
     for m in lab.masters():
         got = lab.etcdctl("get", "", "--prefix", "-w", "json", endpoints=[f"https://{m.address}:2379"]).stdout
         assert keyspace(got) == expected["a point in time"], m.member
+
+
+def _inventory(tmp_path: Path) -> str:
+    import yaml
+
+    doc = {"name": "c1", "nova_version": "6.0.1", "k8s_version": "1.27.11", "etcd_token": "t",
+           "ssh": {"private_key": "-", "known_hosts": ""},
+           "masters": [{"node": "m1", "address": "127.0.0.1", "etcd_member": "etcd1",
+                        "peer_url": "https://127.0.0.1:2380", "client_url": "https://127.0.0.1:2379"}]}
+    p = tmp_path / "inventory.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return str(p)
+
+
+@pytest.mark.parametrize("params, said", [
+    ({"point": "2026-12-02T10:15:30Z"}, "a restore to a point (point= or revision=) needs store="),
+    ({"store": "S", "point": "2026-12-02T10:15:30Z", "revision": 5}, "give point= or revision=, not both"),
+    ({"store": "S", "point": "yesterday"}, "point='yesterday': not a time"),
+    ({"store": "S", "point": "2026-12-02T10:15:30"}, "give its zone"),
+    ({"store": "S", "revision": 0}, "revision=0: give a revision etcd reached"),
+    ({"store": "S", "revision": 5, "backup": "2026-12-01_040000"}, "the point chooses the set"),
+    ({"store": "S", "revision": 5}, "no full snapshot to start from"),
+])
+def test_a_restore_to_a_point_refuses_bad_input_in_one_line_before_anything(tmp_path, params, said):
+    from flows.restore import restore_etcd_cluster
+    from tests.test_restore import error_of
+
+    store = tmp_path / "store"
+    store.mkdir()
+    params = {k: (str(store) if v == "S" else v) for k, v in params.items()}
+    state = restore_etcd_cluster(inventory=_inventory(tmp_path), auto_approve=True, return_state=True, **params)
+    assert state.is_failed() and said in error_of(state), error_of(state)
+    assert "Traceback" not in error_of(state) and os.listdir(store) == []
+
+
+@pytest.mark.parametrize("params, said", [
+    ({"flush_seconds": 0}, "must be above 0"),
+    ({"member": "etcd9"}, "etcd9"),
+])
+def test_continuous_backup_refuses_bad_input(tmp_path, params, said):
+    from tests.test_restore import error_of
+
+    state = continuous_backup(inventory=_inventory(tmp_path), store=str(tmp_path), return_state=True, **params)
+    assert state.is_failed() and said in error_of(state), error_of(state)
