@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import ssl
 import subprocess
@@ -253,6 +254,7 @@ def main():
     home = Path(tempfile.mkdtemp(prefix="nova-dr-bench-history-"))
     server = prefect_server(home)
     lab = Lab(home / "lab")
+    done = False
     try:
         block, pub = signing_block(home)
         lab.up(masters=args.masters, net=args.net, signer=(block, pub))
@@ -264,6 +266,7 @@ def main():
         else:
             part_restore(lab, inv, store, args.mb, args.hour_revisions, home / "id_ed25519")
         lab.destroy()
+        done = True
     except BaseException:
         lab.down()
         print(f"benchmark failed; its files are kept in {home}")
@@ -271,6 +274,8 @@ def main():
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+    if done:
+        shutil.rmtree(home, ignore_errors=True)  # its own temporary dir: the store, the server's files
 
 
 if __name__ == "__main__":

@@ -127,37 +127,86 @@ def decode_segment(name: str, data: bytes, problem=None, allow_unsigned: bool = 
     """A segment read back from a store, checked before it is used: against its own name, its
     last line's digest, and (with `problem(name, sha256, last line) -> why not trusted | None`)
     its signature, refused unless allow_unsigned."""
+    head, docs, why = open_segment(name, data, problem, allow_unsigned)
+    try:
+        leases = {int(k): int(v) for k, v in head["leases"].items()}
+        revs = [Revision(int(d["r"]), float(d["t"]), tuple(_event(*e) for e in d["e"])) for d in docs]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise HistoryError(f"{name}: unreadable ({err}); the segment is damaged") from None
+    check_consecutive(revs, name)
+    return Segment(revs, leases, why)
+
+
+def open_segment(name: str, data: bytes, problem=None, allow_unsigned: bool = False) -> tuple[dict, list, str | None]:
+    """(its header, its revisions' JSON documents, why no trusted key vouches for it) of a
+    segment whose name, digest and signature were checked."""
     parsed = parse_segment_name(name)
     if parsed is None:
         raise HistoryError(f"{name}: not a history segment's name")
     plain = name.rsplit("/", 1)[-1].removesuffix(".age")
     try:
-        *body, last = gzip.decompress(data).decode().splitlines(keepends=True)
-        trailer = json.loads(last)
-        if not isinstance(trailer, dict) or "end" not in trailer:
+        text = gzip.decompress(data).decode()
+        cut = text.rstrip("\n").rfind("\n") + 1  # the last line: the digest and the signature
+        body, trailer = text[:cut], json.loads(text[cut:])
+        if not body or not isinstance(trailer, dict) or "end" not in trailer:
             raise ValueError("no last line: the segment was cut short")
-        digest = hashlib.sha256("".join(body).encode()).hexdigest()
+        digest = hashlib.sha256(body.encode()).hexdigest()
         if trailer.get("sha256") != digest:
             raise ValueError("its lines do not match the digest of its last line")
-        head, *revs_doc = map(json.loads, body)
-        leases = {int(k): int(v) for k, v in head["leases"].items()}
-        revs = [Revision(int(d["r"]), float(d["t"]), tuple(_event(*e) for e in d["e"])) for d in revs_doc]
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
+        # One parse for all its lines (json.dumps escapes newlines inside a line).
+        head, *docs = json.loads("[" + body.rstrip("\n").replace("\n", ",") + "]")
+        if not docs or (docs[0]["r"], docs[-1]["r"]) != (parsed.first, parsed.last):
+            raise HistoryError(f"{name}: holds revisions other than its name says")
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise HistoryError(f"{name}: unreadable ({err}); the segment is damaged") from None
-    if not revs or (revs[0].rev, revs[-1].rev) != (parsed.first, parsed.last):
-        raise HistoryError(f"{name}: holds revisions other than its name says")
-    check_consecutive(revs, name)
     why = problem(plain, digest, trailer) if problem else None
     if why and not allow_unsigned:
         raise HistoryError(f"history segment {name}: {why}. Whoever can write to the store can make such a "
                            "segment; if you know where it came from, pass allow_unsigned=true")
-    return Segment(revs, leases, why)
+    return head, docs, why
+
+
+def fold_segment(fold: "Fold", name: str, data: bytes, upto: int, problem=None,
+                 allow_unsigned: bool = False) -> tuple[dict[int, int], str | None, float]:
+    """A stored segment's revisions up to `upto` folded straight from its JSON (no objects per
+    event: an hour of history is millions of them). Returns its lease TTLs, why it is not
+    trusted (when allowed), and when the last revision folded arrived (0.0: none)."""
+    head, docs, why = open_segment(name, data, problem, allow_unsigned)
+    at = 0.0
+    try:
+        ttls = {int(k): int(v) for k, v in head["leases"].items()}
+        for d in docs:
+            if d["r"] > upto:
+                break
+            fold.apply(int(d["r"]), d["e"])
+            at = float(d["t"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise HistoryError(f"{name}: unreadable ({err}); the segment is damaged") from None
+    return ttls, why, at
 
 
 def _event(kind, key, value, lease, prev) -> Event:
     if kind not in (PUT, DELETE) or not isinstance(key, str) or not isinstance(value, str):
         raise ValueError(f"not an event: {kind!r}")
     return Event(kind, key, value, int(lease), int(prev))
+
+
+def fold_chunk(base: int, upto: int, items: list[tuple[str, bytes]], trusted: list[str],
+               allow_unsigned: bool) -> tuple["Fold", dict[int, int], list[str], float]:
+    """Consecutive stored segments (name, bytes) folded from `base` up to `upto`: what one
+    worker process does of a long history. Returns the fold, the lease TTLs, the warnings of
+    segments let through by allow_unsigned, and when the last revision folded arrived."""
+    from core.signing import segment_problem
+
+    fold, ttls, warnings, at = Fold(base), {}, [], 0.0
+    for name, data in items:
+        t, why, a = fold_segment(fold, name, data, upto, lambda n, d, tr: segment_problem(n, d, tr, trusted),
+                                 allow_unsigned)
+        ttls.update(t)
+        at = max(at, a)
+        if why:
+            warnings.append(f"history segment {name}: {why}; accepted only because allow_unsigned=true")
+    return fold, ttls, warnings, at
 
 
 def check_consecutive(revs: list[Revision], label: str) -> None:
@@ -217,32 +266,61 @@ class Fold:
     base: int
     reached: int = 0
     state: dict[str, tuple[str, int, int] | None] = field(default_factory=dict)  # key: (value, lease, mod rev)
-    in_base: dict[str, bool] = field(default_factory=dict)  # key: it existed before the first event seen
+    first: dict[str, int] = field(default_factory=dict)  # key: its mod revision before the first event seen
 
     def __post_init__(self):
         self.reached = self.reached or self.base
 
     def add(self, r: Revision) -> None:
-        if r.rev <= self.reached:
+        self.apply(r.rev, [(e.kind, e.key, e.value, e.lease, e.prev) for e in r.events])
+
+    def apply(self, rev: int, events) -> None:
+        """One revision's events as [kind, key, value, lease, prev], as a segment stores them."""
+        if rev <= self.reached:
             return  # an overlap already folded: skipped whole (its events were checked once)
-        if r.rev != self.reached + 1:
-            raise HistoryError(f"revision {self.reached + 1} is missing before {r.rev}: the history has a gap")
-        for e in r.events:
-            known = self.state.get(e.key, ...)
-            if known is not ... and (known[2] if known else 0) != e.prev:
-                raise HistoryError(f"revision {r.rev}: key {_show(e.key)} was at revision {e.prev} before this "
-                                   f"event, the history says {known[2] if known else 0}: the segments do not "
-                                   "continue each other")
-            self.in_base.setdefault(e.key, e.prev != 0)
-            self.state[e.key] = (e.value, e.lease, r.rev) if e.kind == PUT else None
-        self.reached = r.rev
+        if rev != self.reached + 1:
+            raise HistoryError(f"revision {self.reached + 1} is missing before {rev}: the history has a gap")
+        for kind, key, value, lease, prev in events:
+            if kind not in (PUT, DELETE) or not isinstance(key, str) or not isinstance(value, str):
+                raise HistoryError(f"revision {rev}: not an event: {kind!r}")
+            known = self.state.get(key, ...)
+            if known is ...:
+                self.first[key] = prev
+            elif (known[2] if known else 0) != prev:
+                raise _discontinuous(f"revision {rev}", key, prev, known)
+            self.state[key] = (value, int(lease), rev) if kind == PUT else None
+        self.reached = rev
+
+    def merge(self, later: "Fold") -> None:
+        """Append a fold of the revisions right after this one's (folded apart, in parallel):
+        the same checks as folding them here, at the seam."""
+        if later.base != self.reached:
+            raise HistoryError(f"revision {self.reached + 1} is missing before {later.base + 1}: the history has a gap")
+        for key, prev in later.first.items():
+            known = self.state.get(key, ...)
+            if known is ...:
+                self.first[key] = prev
+            elif (known[2] if known else 0) != prev:
+                raise _discontinuous(f"revision {later.base + 1} or after", key, prev, known)
+        self.state.update(later.state)
+        self.reached = later.reached
+
+    @property
+    def in_base(self) -> dict[str, bool]:
+        """key: it existed before the first event seen"""
+        return {k: p != 0 for k, p in self.first.items()}
 
     def puts(self) -> dict[str, tuple[str, int]]:
         return {k: (v[0], v[1]) for k, v in self.state.items() if v is not None}
 
     def deletes(self) -> list[str]:
         """Keys to delete from the base: a key made and deleted after it was never there."""
-        return [k for k, v in self.state.items() if v is None and self.in_base[k]]
+        return [k for k, v in self.state.items() if v is None and self.first[k] != 0]
+
+
+def _discontinuous(where: str, key: str, prev: int, known) -> HistoryError:
+    return HistoryError(f"{where}: key {_show(key)} was at revision {prev} before its event, the "
+                        f"history says {known[2] if known else 0}: the segments do not continue each other")
 
 
 def _show(key_b64: str) -> str:

@@ -276,8 +276,9 @@ def snapshot_of_point(cluster, store: str | None, backup: str | None, point: str
                           "before it); leave backup empty. Nothing was changed")
     if revision is not None and revision <= 0:
         raise NovaDRError(f"revision={revision}: give a revision etcd reached (a positive number)")
+    newest = point in ("latest", "newest")  # the newest revision the history recorded without a gap
     built = build_point(open_store(store, s3_block), cluster, Path(workdir) / "point", revision=revision,
-                        point=parse_point(point) if point else None, identity_block=identity_block,
+                        point=parse_point(point) if point and not newest else None, identity_block=identity_block,
                         allow_unsigned=allow_unsigned)
     return built.db, built
 
@@ -429,8 +430,8 @@ def restore_etcd_cluster(
         allow_unsigned: with store: accept a set that no key in the inventory's backup_signers signed, or
             one with no manifest (the platform's daemon's); the plan shows it as a warning
         approvals_required: how many different people must approve the plan, one after another (1 to 3)
-        point: with store: restore the cluster as it was at this time, e.g. 2026-12-02T10:15:30Z (needs the
-            history continuous-backup records; the plan shows the revision reached)
+        point: with store: restore the cluster as it was at this time, e.g. 2026-12-02T10:15:30Z, or latest for
+            the newest revision recorded (needs the history continuous-backup records; the plan shows the revision)
         revision: with store: restore the cluster as it was at this etcd revision (instead of point)
     """
     log = get_run_logger()

@@ -49,10 +49,8 @@ class HistoryStore:
     def write(self, name: str, data: bytes) -> None:
         self.store.put(name, lambda out: out.write(data), mode=0o600)
 
-    def load(self, name: str) -> Segment:
-        """A stored segment, decrypted and checked (name, digest, signature)."""
-        if name in self._loaded:  # the one read last: a point's segment is read to plan, then to fold
-            return self._loaded[name]
+    def read(self, name: str) -> bytes:
+        """A stored segment's bytes, decrypted; not yet checked (decode_segment, fold_chunk do)."""
         with tempfile.TemporaryDirectory(prefix="nova-dr-seg-") as tmp:
             path = Path(tmp) / name
             self.store.get(name, path)
@@ -63,8 +61,14 @@ class HistoryStore:
                     self._ids = identities_from_block(self.identity_block)
                 decrypt_file(path, Path(tmp) / plain_name(name), self._ids, name)
                 path = Path(tmp) / plain_name(name)
-            data = path.read_bytes()
-        seg = decode_segment(name, data, lambda n, d, t: segment_problem(n, d, t, self.trusted), self.allow_unsigned)
+            return path.read_bytes()
+
+    def load(self, name: str) -> Segment:
+        """A stored segment, decrypted and checked (name, digest, signature)."""
+        if name in self._loaded:  # the one read last: a point's segment is read to plan, then to fold
+            return self._loaded[name]
+        seg = decode_segment(name, self.read(name), lambda n, d, t: segment_problem(n, d, t, self.trusted),
+                             self.allow_unsigned)
         self._loaded = {name: seg}  # never the whole history: an hour of it is millions of revisions
         return seg
 

@@ -5,18 +5,21 @@ cluster and the store; used by restore-etcd-cluster (point=, revision=) and by t
 
 from __future__ import annotations
 
+import os
 import subprocess
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from core.errors import NovaDRError, SnapshotError
-from core.history import Fold, HistoryError, PointPlan, bump_after, plan_point
+from core.history import Fold, HistoryError, PointPlan, bump_after, fold_chunk, plan_point
 from core.names import etcd_snapshot_name, timestamp
-from core.snapshot import prepare_snapshot
+from core.snapshot import SnapshotCheck, prepare_snapshot
 from tasks.backups import fetch_set
 from tasks.drill import find_etcd_bins, scratch_etcd
-from tasks.history_store import HistoryStore, full_snapshots
+from tasks.history_store import Base, HistoryStore, full_snapshots
 from tasks.replay import apply_fold, kept_alive
 from tasks.storage import BackupStore
 
@@ -42,6 +45,56 @@ def parse_point(text: str) -> float:
     return dt.timestamp()
 
 
+def _base_snapshot(st, cluster, base: Base, workdir: Path, identity_block, allow_unsigned) -> SnapshotCheck:
+    fetched = fetch_set(st, base.set, workdir / "base", names=[base.set.etcd], identity_block=identity_block,
+                        trusted=cluster.backup_signers, allow_unsigned=allow_unsigned)
+    if fetched["problems"]:
+        raise SnapshotError(f"backup set {base.set.ts}: " + "; ".join(fetched["problems"]) + "; nothing was changed")
+    return prepare_snapshot(workdir / "base" / fetched["files"][0], workdir / "base", cluster.nova_version)
+
+
+CHUNK_BYTES = 48 << 20  # of stored segments per worker's task
+IN_PROCESS = 8  # segments: fewer are folded here (a worker process takes a second to start)
+
+
+def fold_history(history: HistoryStore, plan: PointPlan, base_revision: int, trusted: list[str],
+                 allow_unsigned: bool, chunk_bytes: int = CHUNK_BYTES) -> tuple[Fold, dict[int, int], list[str], float]:
+    """The plan's segments folded onto its base, in chunks of consecutive segments, each in a
+    worker process (core.history.fold_chunk), merged in order with the same checks at each
+    seam. Never more than two chunks in memory per worker."""
+    segs = list(plan.segments)
+    if len(segs) <= IN_PROCESS:
+        return fold_chunk(base_revision, plan.target, [(s.name, history.read(s.name)) for s in segs], trusted,
+                          allow_unsigned)
+    import multiprocessing
+
+    workers = max(1, min(4, os.cpu_count() or 1))
+    fold, ttls, warnings, at = Fold(base_revision), {}, [], 0.0
+    pending: deque = deque()
+
+    def merge_oldest():
+        part, t, w, a = pending.popleft().result()
+        fold.merge(part)
+        ttls.update(t)
+        warnings.extend(w)
+        return a
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        chunk_base, items, size = base_revision, [], 0
+        for i, s in enumerate(segs):
+            data = history.read(s.name)
+            items.append((s.name, data))
+            size += len(data)
+            if size >= chunk_bytes or i == len(segs) - 1:
+                pending.append(pool.submit(fold_chunk, chunk_base, plan.target, items, trusted, allow_unsigned))
+                chunk_base, items, size = min(plan.target, max(chunk_base, s.last)), [], 0
+                while len(pending) > 2 * workers:
+                    at = max(at, merge_oldest())
+        while pending:
+            at = max(at, merge_oldest())
+    return fold, ttls, warnings, at
+
+
 def plan_for(st: BackupStore, trusted: list[str], revision: int | None, point: float | None,
              identity_block: str | None = None, allow_unsigned: bool = False):
     """(the plan, the history, the bases) for a point: what plan_point decides from the store."""
@@ -61,22 +114,13 @@ def build_point(st: BackupStore, cluster, workdir: str | Path, revision: int | N
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     plan, history, bases = plan_for(st, cluster.backup_signers, revision, point, identity_block, allow_unsigned)
     base = next(b for b in bases if b.set.ts == plan.base)
-    fetched = fetch_set(st, base.set, workdir / "base", names=[base.set.etcd], identity_block=identity_block,
-                        trusted=cluster.backup_signers, allow_unsigned=allow_unsigned)
-    if fetched["problems"]:
-        raise SnapshotError(f"backup set {base.set.ts}: " + "; ".join(fetched["problems"]) + "; nothing was changed")
-    snap = prepare_snapshot(workdir / "base" / fetched["files"][0], workdir / "base", cluster.nova_version)
-    fold, ttls, warnings = Fold(plan.base_revision), {}, []
-    at = base.at or 0.0
-    for seg in plan.segments:
-        s = history.load(seg.name)
-        if s.unsigned:
-            warnings.append(f"history segment {seg.name}: {s.unsigned}; accepted only because allow_unsigned=true")
-        ttls.update(s.lease_ttls)
-        for r in s.revisions:
-            if r.rev <= plan.target:
-                fold.add(r)
-                at = max(at, r.at)
+    # The base is fetched, checked and unpacked (I/O, gzip, subprocesses) while the history is
+    # folded (Python, in worker processes): an hour of history is millions of revisions.
+    with ThreadPoolExecutor(1) as ex:  # a failed fold waits for the base's job, then is raised
+        snap_job = ex.submit(_base_snapshot, st, cluster, base, workdir, identity_block, allow_unsigned)
+        fold, ttls, warnings, at = fold_history(history, plan, base.revision, cluster.backup_signers, allow_unsigned)
+        snap = snap_job.result()
+    at = max(at, base.at or 0.0)
     if fold.reached != plan.target:  # plan_point said it is reachable; the segments say otherwise
         raise HistoryError(f"the history reaches revision {fold.reached}, not {plan.target}")
     name = etcd_snapshot_name(snap.nova_version or cluster.nova_version, snap.k8s_version or cluster.k8s_version,

@@ -242,6 +242,9 @@ def test_continuous_backup_survives_kills_restarts_and_compaction_and_restores_e
     bump = int(plan.summary.split("revision bump: +")[1].split()[0])
     built_rev = int(plan.summary.split("the point's snapshot is at revision ")[1].split()[0])
     assert built_rev + bump == newest + BUMP_MARGIN, plan.summary  # above everything any client saw
+    latest = plan_restore(inventory=inv, store=str(store), point="latest")
+    assert f"reached: revision {newest}, from the full snapshot" in latest.summary
+    assert f"the newest recorded revision ({newest})" in latest.summary
     state = restore_etcd_cluster(inventory=inv, store=str(store), point=iso, auto_approve=True, return_state=True)
     assert state.is_completed(), state
     for m in lab.masters():

@@ -275,3 +275,66 @@ def test_a_point_in_time_is_read_with_its_zone_or_refused():
         parse_point("2026-12-02T10:15:30")
     with pytest.raises(NovaDRError, match="not a time"):
         parse_point("yesterday")
+
+
+def test_a_history_folded_in_parallel_chunks_is_the_history_folded_in_order(tmp_path):
+    """fold_history's chunks (worker processes, merged at each seam) against one fold of the
+    same revisions, on a history with overwrites, deletes, re-creations and an overlap."""
+    import random
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from core.history import PointPlan, parse_segment_name
+    from core.signing import public_line, seal_segment
+    from tasks import point
+    from tasks.history_store import HistoryStore
+    from tasks.storage import DirectoryStore
+
+    key = Ed25519PrivateKey.generate()
+    r, last, rev, allrevs = random.Random(3), {}, 100, []
+    for _ in range(30):
+        revs = []
+        for _ in range(200):
+            rev += 1
+            k = b64(f"/k/{r.randrange(40)}")
+            prev = last.get(k, 0)
+            if prev and r.random() < 0.2:
+                ev, last[k] = Event(DELETE, k, "", 0, prev), 0
+            else:
+                ev, last[k] = Event(PUT, k, b64(str(rev)), 0, prev), rev
+            revs.append(Revision(rev, float(rev), (ev,)))
+        allrevs += revs
+        name, data = encode_segment(revs, {}, seal_segment(key))
+        (tmp_path / name).write_bytes(data)
+    overlap, data = encode_segment(allrevs[1000:1300], {}, seal_segment(key))  # a second capture's
+    (tmp_path / overlap).write_bytes(data)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    target = rev - 150
+    chain = chain_from(100, names)
+    plan = PointPlan("base", 100, target, tuple(s for s in chain.segments if s.first <= target), rev, 0)
+    history = HistoryStore(DirectoryStore(tmp_path), [public_line(key)])
+    # chunk_bytes=1: a chunk per segment, so every seam is merged
+    fold, _, warnings, at = point.fold_history(history, plan, 100, [public_line(key)], False, chunk_bytes=1)
+    one = Fold(100)
+    for rv in allrevs:
+        if rv.rev <= target:
+            one.add(rv)
+    assert (fold.reached, fold.puts(), sorted(fold.deletes())) == (target, one.puts(), sorted(one.deletes()))
+    assert at == float(target) and not warnings and len(plan.segments) > point.IN_PROCESS
+    assert parse_segment_name(overlap) in plan.segments  # the overlap was folded too, and skipped
+
+
+def test_folds_merged_at_a_seam_are_checked_as_one_fold():
+    a, b = Fold(10), Fold(12)
+    a.add(Revision(11, 1.0, (Event(PUT, b64("k"), b64("1"), 0, 5),)))
+    a.add(Revision(12, 1.0, (Event(PUT, b64("j"), b64("1"), 0, 0),)))
+    b.add(Revision(13, 1.0, (Event(PUT, b64("k"), b64("2"), 0, 11), Event(DELETE, b64("old"), "", 0, 3))))
+    a.merge(b)
+    assert a.reached == 13 and a.puts() == {b64("k"): (b64("2"), 0), b64("j"): (b64("1"), 0)}
+    assert a.deletes() == [b64("old")]
+    other = Fold(13)
+    other.add(Revision(14, 1.0, (Event(PUT, b64("k"), b64("3"), 0, 7),)))  # k was at 13, not 7
+    with pytest.raises(HistoryError, match="revision 14 or after: key 'k' was at revision 7 .* do not continue"):
+        a.merge(other)
+    with pytest.raises(HistoryError, match="revision 14 is missing before 16"):
+        a.merge(Fold(15))
