@@ -272,6 +272,9 @@ def main():
         print(f"benchmark failed; its files are kept in {home}")
         raise
     finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()  # the runs' last logs reach the server before it stops
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
     if done:
