@@ -13,7 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("NOVA_DR_HOME", tempfile.mkdtemp(prefix="nova-dr-bench-"))
+if "NOVA_DR_HOME" not in os.environ:  # the runs' checkpoints and locks: this run's own, gone with it
+    import atexit
+    import shutil
+
+    os.environ["NOVA_DR_HOME"] = tempfile.mkdtemp(prefix="nova-dr-bench-")
+    atexit.register(shutil.rmtree, os.environ["NOVA_DR_HOME"], True)
 
 from lab.lab import Lab, etcd_bin_dir, free_port  # noqa: E402
 
