@@ -191,10 +191,10 @@ def _event(kind, key, value, lease, prev) -> Event:
     return Event(kind, key, value, int(lease), int(prev))
 
 
-def fold_chunk(base: int, upto: int, items: list[tuple[str, bytes]], trusted: list[str],
+def fold_chunk(base: int, upto: int, items, trusted: list[str],
                allow_unsigned: bool) -> tuple["Fold", dict[int, int], list[str], float]:
-    """Consecutive stored segments (name, bytes) folded from `base` up to `upto`: what one
-    worker process does of a long history. Returns the fold, the lease TTLs, the warnings of
+    """Consecutive stored segments (an iterable of name, bytes) folded from `base` up to `upto`:
+    what one worker process does of a long history. Returns the fold, the lease TTLs, the warnings of
     segments let through by allow_unsigned, and when the last revision folded arrived."""
     from core.signing import segment_problem
 

@@ -23,7 +23,7 @@ from core.errors import NovaDRError
 from core.history import HistoryError, Recorder, parse_segment_name, start_revision
 from core.signing import seal_segment
 from flows import machinery as mc
-from flows.backup import UNENCRYPTED, UNSIGNED, choose_snapshot_member, signing_key
+from flows.backup import UNSIGNED, choose_snapshot_member, signing_key
 from flows.machinery import Run
 from tasks.capture import Stopped, capture, lease_ttls
 from tasks.crypto import EncryptingStore, recipients_from
@@ -34,6 +34,8 @@ from tasks.storage import open_store
 
 FLOW_NAME = "continuous-backup"
 RETRY_MAX_S = 30  # the longest wait between two watches when no member answers
+UNENCRYPTED_HISTORY = ("history segments are stored unencrypted: every Secret the cluster writes passes through "
+                       "them. Set backup_recipients (age public keys) in the inventory")
 
 
 class Counters:
@@ -129,7 +131,7 @@ def continuous_backup(
     base_store = open_store(store, s3_block)
     st = EncryptingStore(base_store, recipients_from(keys), {"history"}) if keys else base_store
     if not keys:
-        log.warning(UNENCRYPTED.replace("secrets are stored", "history segments (every Secret written) are stored"))
+        log.warning(UNENCRYPTED_HISTORY)
     # Its own segments, read back on a restart, are checked as every reader checks them; unsigned
     # ones only when this run signs none either.
     history = HistoryStore(st, cluster.backup_signers, allow_unsigned=key is None)
@@ -140,7 +142,7 @@ def continuous_backup(
     timer.start()
     run = Run(FLOW_NAME, cluster)
     try:
-        rec = Recorder(_start(run, history, st, member, inventory, store, s3_block, backup_parameters, counters, log),
+        rec = Recorder(_start(run, history, st, inventory, store, s3_block, backup_parameters, counters, log),
                        flush_seconds, int(flush_mib * (1 << 20)))
         print(f"continuous backup of {cluster.name} to {st.url}: from revision {rec.last + 1}, a segment every "
               f"{flush_seconds:g}s or {flush_mib:g} MiB, for {run_minutes:g} min")
@@ -178,7 +180,7 @@ def continuous_backup(
                                int(flush_mib * (1 << 20)))
                 counters.full_snapshots += 1
                 continue
-            except NovaDRError as err:  # the watch ended, or no member could be watched
+            except (NovaDRError, OSError, EOFError) as err:  # the watch ended, or no member could be watched
                 counters.restarts += 1
                 # A watch that ran a while ended for a reason of its own; one that failed at once
                 # (no member answers) is tried again less and less often.
@@ -202,7 +204,7 @@ def continuous_backup(
     return summary
 
 
-def _start(run: Run, history: HistoryStore, st, member, inventory, store, s3_block, backup_parameters,
+def _start(run: Run, history: HistoryStore, st, inventory, store, s3_block, backup_parameters,
            counters: Counters, log) -> int:
     """The revision the store's history reaches, checked against the cluster's own; a full
     snapshot first when the store has no set to continue."""

@@ -9,6 +9,7 @@ import os
 import subprocess
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,9 +64,16 @@ def fold_history(history: HistoryStore, plan: PointPlan, base_revision: int, tru
     worker process (core.history.fold_chunk), merged in order with the same checks at each
     seam. Never more than two chunks in memory per worker."""
     segs = list(plan.segments)
+    here = ((s.name, history.read(s.name)) for s in segs)  # one segment in memory at a time
     if len(segs) <= IN_PROCESS:
-        return fold_chunk(base_revision, plan.target, [(s.name, history.read(s.name)) for s in segs], trusted,
-                          allow_unsigned)
+        return fold_chunk(base_revision, plan.target, here, trusted, allow_unsigned)
+    try:
+        return _fold_in_workers(history, plan, segs, base_revision, trusted, allow_unsigned, chunk_bytes)
+    except BrokenProcessPool:  # no worker could start here (a restricted host): the same fold, slower
+        return fold_chunk(base_revision, plan.target, here, trusted, allow_unsigned)
+
+
+def _fold_in_workers(history, plan, segs, base_revision, trusted, allow_unsigned, chunk_bytes):
     import multiprocessing
 
     workers = max(1, min(4, os.cpu_count() or 1))
