@@ -21,15 +21,17 @@ class Spec:
     needs_inventory: bool = True
     tags: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
+    stagger: bool = True  # a fleet moves its start by the cluster's offset (core/fleet.py)
 
 
 SPECS = [
     Spec("backup-master-nodes", "nightly", "0 4 * * *", needs_store=True, tags=("backup",)),
     # Hourly runs of 61 minutes: one that dies is replaced within the hour, and the hand-off
     # overlaps (segments are resolved by revision) instead of leaving a minute unrecorded.
-    Spec("continuous-backup", "continuous", "0 * * * *", needs_store=True, tags=("backup", "history")),
+    # Not staggered in a fleet: each cluster's capture runs all the time, whatever minute it starts.
+    Spec("continuous-backup", "continuous", "0 * * * *", needs_store=True, tags=("backup", "history"), stagger=False),
     # Every 6 hours, off the hour: a restore to a point replays at most that much history.
-    Spec("compact-history", "every-6h", "20 */6 * * *", needs_store=True, tags=("backup", "history")),
+    Spec("compact-history", "every-6h", "20 */6 * * *", needs_store=True, tags=("backup", "history"), stagger=False),
     Spec("verify-backups", "daily-verify", "30 5 * * *", needs_store=True, tags=("backup", "verify")),
     Spec("restore-etcd-cluster", "on-demand", tags=("recovery",)),
     Spec("replace-etcd-member", "on-demand", tags=("recovery",)),
@@ -94,7 +96,7 @@ def planned_fleet(fleet, path: str | None = None) -> list[Planned]:
                 continue
             params = {**s.extra, **({"inventory": c.inventory} if s.needs_inventory else {"kube": c.kube}),
                       **({"store": c.store} if s.needs_store else {}), **c.parameters.get(s.flow, {})}
-            cron = cluster_cron(fleet, c, s.flow, s.cron) if s.cron else None
+            cron = cluster_cron(fleet, c, s.flow, s.cron) if s.cron and s.stagger else s.cron
             out.append(Planned(s.flow, c.name, cron, params, ("nova-dr", *s.tags, FLEET_TAG, f"cluster:{c.name}"),
                                c.concurrency_limit))
     return out
