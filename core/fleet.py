@@ -11,6 +11,7 @@ schedules and its RPO target; and the posture of each cluster against that targe
         rpo_hours: 6
         backup_cron: "0 */4 * * *"   # given: kept as written, not staggered
         kube: block:prod-a-kube      # the Kubernetes-side flows too (optional)
+        continuous: true             # continuous-backup hourly and compact-history every 6 h
         parameters:                  # more parameters, per flow
           backup-master-nodes: {s3_block: prod-a-s3, recipients: ["age1..."]}
 """
@@ -43,6 +44,7 @@ class FleetCluster(BaseModel):
     defrag_cron: str | None = None
     kube: str | None = None
     concurrency_limit: int = Field(default=1, ge=1)
+    continuous: bool = False  # schedule continuous-backup and compact-history for this cluster
     parameters: dict[str, dict] = Field(default_factory=dict)
 
     @field_validator("name")

@@ -22,6 +22,9 @@ class Spec:
     tags: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
     stagger: bool = True  # a fleet moves its start by the cluster's offset (core/fleet.py)
+    # Scheduled only where asked (NOVA_DR_CONTINUOUS=true; a fleet cluster's `continuous: true`),
+    # else on demand: a capture holds a worker's slot all the time, one per cluster.
+    opt_in: bool = False
 
 
 SPECS = [
@@ -29,9 +32,11 @@ SPECS = [
     # Hourly runs of 61 minutes: one that dies is replaced within the hour, and the hand-off
     # overlaps (segments are resolved by revision) instead of leaving a minute unrecorded.
     # Not staggered in a fleet: each cluster's capture runs all the time, whatever minute it starts.
-    Spec("continuous-backup", "continuous", "0 * * * *", needs_store=True, tags=("backup", "history"), stagger=False),
+    Spec("continuous-backup", "continuous", "0 * * * *", needs_store=True, tags=("backup", "history"), stagger=False,
+         opt_in=True),
     # Every 6 hours, off the hour: a restore to a point replays at most that much history.
-    Spec("compact-history", "every-6h", "20 */6 * * *", needs_store=True, tags=("backup", "history"), stagger=False),
+    Spec("compact-history", "every-6h", "20 */6 * * *", needs_store=True, tags=("backup", "history"), stagger=False,
+         opt_in=True),
     Spec("verify-backups", "daily-verify", "30 5 * * *", needs_store=True, tags=("backup", "verify")),
     Spec("restore-etcd-cluster", "on-demand", tags=("recovery",)),
     Spec("replace-etcd-member", "on-demand", tags=("recovery",)),
@@ -76,7 +81,10 @@ class Planned:
 
 def planned(env: dict | None = None) -> list[Planned]:
     """This machine's one cluster (NOVA_DR_INVENTORY, NOVA_DR_STORE)."""
-    return [Planned(s.flow, s.name, s.cron, default_parameters(s, env), ("nova-dr", *s.tags)) for s in SPECS]
+    env = os.environ if env is None else env
+    continuous = env.get("NOVA_DR_CONTINUOUS", "").lower() in ("1", "true", "yes")
+    return [Planned(s.flow, s.name, s.cron if continuous or not s.opt_in else None, default_parameters(s, env),
+                    ("nova-dr", *s.tags)) for s in SPECS]
 
 
 def planned_fleet(fleet, path: str | None = None) -> list[Planned]:
@@ -97,6 +105,8 @@ def planned_fleet(fleet, path: str | None = None) -> list[Planned]:
             params = {**s.extra, **({"inventory": c.inventory} if s.needs_inventory else {"kube": c.kube}),
                       **({"store": c.store} if s.needs_store else {}), **c.parameters.get(s.flow, {})}
             cron = cluster_cron(fleet, c, s.flow, s.cron) if s.cron and s.stagger else s.cron
+            if s.opt_in and not c.continuous:
+                cron = None
             out.append(Planned(s.flow, c.name, cron, params, ("nova-dr", *s.tags, FLEET_TAG, f"cluster:{c.name}"),
                                c.concurrency_limit))
     return out

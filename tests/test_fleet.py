@@ -42,6 +42,19 @@ def test_every_flow_gets_a_deployment_per_cluster_with_that_clusters_parameters(
     assert len(got) == len(SPECS) + sum(s.needs_inventory for s in SPECS)
 
 
+def test_the_history_is_scheduled_only_where_a_cluster_asks_for_it():
+    from deployments.catalog import planned
+
+    fleet = parse_fleet(FLEET + "  - {name: prod-c, inventory: c.yaml, store: /c, continuous: true}\n", "f")
+    crons = {(p.flow, p.name): p.cron for p in planned_fleet(fleet)}
+    assert crons[("continuous-backup", "prod-c")] == "0 * * * *"  # not staggered: it runs all the time
+    assert crons[("compact-history", "prod-c")] == "20 */6 * * *"
+    assert crons[("continuous-backup", "prod-a")] is None and crons[("compact-history", "prod-b")] is None
+    one = {p.flow: p.cron for p in planned({"NOVA_DR_CONTINUOUS": "true"})}
+    assert one["continuous-backup"] == "0 * * * *" and one["compact-history"] == "20 */6 * * *"
+    assert {p.flow: p.cron for p in planned({})}["continuous-backup"] is None
+
+
 def test_staggering_keeps_each_clusters_order_and_moves_nobody_else():
     fleet = parse_fleet(FLEET, "f")
     crons = {(p.flow, p.name): p.cron for p in planned_fleet(fleet)}
